@@ -1,0 +1,1 @@
+"""Prefect Block types: the credentials and the client of each external system."""

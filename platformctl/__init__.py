@@ -1,0 +1,1 @@
+"""The `platformctl` command line."""
