@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 SPEC ?= deployments/lab/platform.yaml
+# Until phases 1 to 3 act on the lab, the main job runs in plan-only mode.
+RUN_FLAGS ?= --plan-only
 
 .PHONY: setup test lint typecheck unit bench lab down status plan schema clean
 
@@ -26,7 +28,7 @@ bench: setup
 
 lab: setup
 	$(BIN)/platformctl lab up $(SPEC)
-	$(BIN)/platformctl lab run $(SPEC)
+	$(BIN)/platformctl lab run $(RUN_FLAGS) $(SPEC)
 
 down: setup
 	$(BIN)/platformctl lab down
