@@ -1,1 +1,9 @@
-"""Prefect Block types: the credentials and the client of each external system."""
+"""Prefect Block types: the credentials and the client of each external system.
+
+`prefect block register -m blocks` registers every type listed here.
+"""
+
+from blocks.ssh import SshIdentity
+from blocks.vsphere import VsphereHypervisor
+
+__all__ = ["SshIdentity", "VsphereHypervisor"]

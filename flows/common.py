@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
@@ -63,3 +63,33 @@ def plan_or_not_implemented(number: int, spec_path: str, plan_only: bool) -> Pha
     if plan_only:
         return publish_plan(number, spec, inventory)
     not_implemented(number)
+
+
+class PhaseFailed(RuntimeError):
+    """Some targets of a phase failed; the others finished their work first."""
+
+
+def run_bounded(task_fn: Any, item_arg: str, items: list[str], limit: int, **kwargs: Any,
+                ) -> tuple[dict[str, Any], dict[str, BaseException]]:
+    """Submit ``task_fn(<item_arg>=item, **kwargs)`` for every item, ``limit`` at once.
+
+    Every item runs to its end even when others fail, so a failure never leaves the rest
+    half-done. Returns (results by item, exceptions by item).
+    """
+    from prefect.futures import as_completed
+
+    results: dict[str, Any] = {}
+    failures: dict[str, BaseException] = {}
+    pending = list(items)
+    running: dict[Any, str] = {}
+    while pending or running:
+        while pending and len(running) < limit:
+            item = pending.pop(0)
+            running[task_fn.submit(**{item_arg: item}, **kwargs)] = item
+        future = next(as_completed(list(running)))
+        item = running.pop(future)
+        try:
+            results[item] = future.result()
+        except Exception as error:
+            failures[item] = error
+    return results, failures

@@ -7,16 +7,16 @@ stopped by process group, so no worker's flow-run subprocess outlives `down`.
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from lab.processes import Daemon
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 POOL = "platform"
@@ -62,31 +62,14 @@ class PrefectStack:
         })
         return env
 
-    def _pidfile(self, name: str) -> Path:
-        return self.state_dir / f"{name}.pid"
-
-    def _running(self, name: str) -> int | None:
-        try:
-            pid = int(self._pidfile(name).read_text())
-            os.kill(pid, 0)
-        except (FileNotFoundError, ValueError, ProcessLookupError):
-            return None
-        return pid
+    def daemon(self, name: str) -> Daemon:
+        return Daemon(self.state_dir, f"prefect-{name}")
 
     def healthy(self) -> bool:
         try:
             return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
-
-    def _spawn(self, name: str, args: list[str]) -> int:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.state_dir / f"{name}.log").open("ab")
-        process = subprocess.Popen(args, env=self.env(), cwd=PROJECT_DIR, stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-        self._pidfile(name).write_text(str(process.pid))
-        return process.pid
 
     def _prefect(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run([_prefect_exe(), *args], env=self.env(), cwd=PROJECT_DIR,
@@ -99,37 +82,34 @@ class PrefectStack:
     def up(self, timeout: float = 90.0) -> list[str]:
         """Start what is not running; return what was done (empty when all was up)."""
         done: list[str] = []
+        server = self.daemon("server")
         if not self.healthy():
-            if self._running("server") is None:
-                self._spawn("server", [_prefect_exe(), "server", "start"])
+            if server.pid() is None:
+                server.start([_prefect_exe(), "server", "start"], self.env(), PROJECT_DIR)
                 done.append(f"started Prefect server on {self.ui_url}")
-            deadline = time.monotonic() + timeout
-            while not self.healthy():
-                if time.monotonic() > deadline or self._running("server") is None:
-                    log = (self.state_dir / "server.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"Prefect server did not become healthy on "
-                                       f"{self.api_url} within {timeout:.0f} s; its log "
-                                       f"ends with:\n{log}")
-                time.sleep(0.5)
+            server.wait_until(self.healthy, timeout, f"healthy on {self.api_url}")
         if self._prefect("work-pool", "inspect", POOL, check=False).returncode != 0:
             self._prefect("work-pool", "create", POOL, "--type", "process")
             done.append(f"created process work pool {POOL}")
-        if self._running("worker") is None:
-            self._spawn("worker", [_prefect_exe(), "worker", "start", "--pool", POOL,
-                                   "--type", "process"])
+        worker = self.daemon("worker")
+        if worker.pid() is None:
+            worker.start([_prefect_exe(), "worker", "start", "--pool", POOL, "--type",
+                          "process"], self.env(), PROJECT_DIR)
             done.append(f"started a worker on pool {POOL}")
-        self._prefect("--no-prompt", "deploy", "--all")
-        done.append("applied the deployments of prefect.yaml")
+        stamp = self.state_dir / "deployed.sha256"
+        digest = hashlib.sha256((PROJECT_DIR / "prefect.yaml").read_bytes()).hexdigest()
+        if done or not stamp.exists() or stamp.read_text() != digest:
+            self._prefect("--no-prompt", "deploy", "--all")
+            stamp.write_text(digest)
+            done.append("deployments of prefect.yaml applied")
         return done
 
     def down(self) -> list[str]:
         done = []
         for name in ("worker", "server"):
-            pid = self._running(name)
+            pid = self.daemon(name).stop()
             if pid is not None:
-                _stop_group(pid)
                 done.append(f"stopped Prefect {name} (pid {pid})")
-            self._pidfile(name).unlink(missing_ok=True)
         return done
 
     def run_deployment(self, name: str, parameters: dict[str, str]) -> int:
@@ -142,20 +122,3 @@ class PrefectStack:
 
 def _prefect_exe() -> str:
     return str(Path(sys.executable).parent / "prefect")
-
-
-def _stop_group(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)

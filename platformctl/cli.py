@@ -11,30 +11,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from platformctl.table import format_table
 from sizing.inventory import build_inventory
 from sizing.plan import PHASES, build_plan
 from sizing.spec import TIERS, PlatformSpec
 from sizing.validate import SpecError
 from tasks.spec import DEFAULT_SPEC, read_spec
-
-
-def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
-    """Plain aligned columns, the way a terminal user reads them."""
-    cells = [[str(column) for column in columns]]
-    for row in rows:
-        cells.append(["" if row.get(c) is None else _cell(row.get(c)) for c in columns])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = ["  ".join(value.ljust(widths[i]) for i, value in enumerate(line)).rstrip()
-             for line in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, list):
-        return "+".join(str(v) for v in value)
-    return str(value)
-
 
 INVENTORY_COLUMNS = ("name", "role", "cluster", "zone", "ip", "vcpu", "memory_gb", "disks_gb")
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from typing import Any
 
+from platformctl.table import format_table
 from tasks.spec import DEFAULT_SPEC, read_spec
 
 
@@ -20,55 +20,55 @@ def add_lab_commands(sub: Any) -> None:
     run.add_argument("--plan-only", action="store_true",
                      help="publish what every phase would do; change nothing")
     run.set_defaults(func=cmd_run)
-    status = verbs.add_parser("status", help="what is running")
+    status = verbs.add_parser("status", help="every VM and service of the lab")
     status.add_argument("spec", nargs="?", default=DEFAULT_SPEC)
     status.set_defaults(func=cmd_status)
     down = verbs.add_parser("down", help="stop and remove everything the lab started")
     down.set_defaults(func=cmd_down)
 
 
-def _stack() -> Any:
-    from lab.prefect_stack import PrefectStack
+def _lab(spec_path: str, with_spec: bool = True) -> Any:
+    from lab.lab import Lab  # the lab is imported only by its own commands
 
-    return PrefectStack.from_env()
+    return Lab(spec_path, read_spec(spec_path) if with_spec else None)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    read_spec(args.spec)  # a bad spec stops here, before anything starts
-    stack = _stack()
-    for line in stack.up() or ["already up"]:
+    lab = _lab(args.spec)
+    for line in lab.up() or ["everything was already up; nothing changed"]:
         print(f"lab: {line}")
-    print(f"lab: Prefect UI at {stack.ui_url}")
+    print(f"lab: Prefect UI at {lab.prefect.ui_url}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    read_spec(args.spec)
-    stack = _stack()
-    if not stack.healthy():
+    lab = _lab(args.spec)
+    if not lab.prefect.healthy():
         print("lab: the lab's Prefect server is not running; run `platformctl lab up` first")
         return 1
-    code: int = stack.run_deployment("platform/full", {
+    code: int = lab.prefect.run_deployment("platform/full", {
         "spec_path": args.spec, "plan_only": "true" if args.plan_only else "false"})
     print(f"lab: platform/full {'completed' if code == 0 else 'did not complete'}; "
-          f"see {stack.ui_url}/runs")
+          f"see {lab.prefect.ui_url}/runs")
     return code
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    stack = _stack()
-    print(f"Prefect server  {stack.api_url}  {'healthy' if stack.healthy() else 'down'}")
-    print(f"Prefect UI      {stack.ui_url}")
-    print(f"state directory {stack.state_dir}")
+    lab = _lab(args.spec)
+    print(format_table(lab.service_rows(), ("service", "state", "where")))
+    rows = lab.vm_rows()
+    print()
+    if rows:
+        print(format_table(rows, ("vm", "power", "ip", "host", "ssh")))
+    else:
+        print("no VMs yet (phase 1 creates them)")
+    print(f"\nPrefect UI: {lab.prefect.ui_url}")
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    stack = _stack()
-    for line in stack.down():
+    lab = _lab(DEFAULT_SPEC, with_spec=False)
+    for line in lab.down():
         print(f"lab: {line}")
-    if stack.state_dir.exists():
-        shutil.rmtree(stack.state_dir)
-        print(f"lab: removed {stack.state_dir}")
     print("lab: down")
     return 0

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UV="${PLATFORM_CACHE:-/var/cache/platform-orchestrator}/uv-0.13.9/bin/uv"
-"$UV" pip compile pyproject.toml --extra dev --python-version 3.11 --no-header \
+"$UV" pip compile pyproject.toml --extra dev --extra lab --python-version 3.11 --no-header \
   --no-annotate -o requirements/lock.txt

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make setup: everything the project needs, idempotent, on a fresh Debian/Ubuntu with python3.
-#   1. Debian packages listed in scripts/apt-packages.txt (only the missing ones);
+#   1. Debian packages listed in scripts/apt-packages.txt and lab/apt-packages.txt (only
+#      the missing ones);
 #   2. uv, pinned, in a private venv under the cache directory;
 #   3. .venv with the exact pins of requirements/lock.txt and the project itself.
 set -euo pipefail
@@ -16,7 +17,7 @@ missing=()
 while read -r pkg; do
   [ -z "$pkg" ] || [ "${pkg#\#}" != "$pkg" ] && continue
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done < scripts/apt-packages.txt
+done < <(cat scripts/apt-packages.txt lab/apt-packages.txt)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     log "missing Debian packages: ${missing[*]}; run as root or install them first"; exit 1

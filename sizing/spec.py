@@ -169,6 +169,8 @@ class Hypervisor(StrictModel):
     block: BlockName
     concurrency: int = Field(default=8, ge=1, le=64)
     resize: bool = False
+    boot_timeout: int = Field(default=600, ge=10, le=3600,
+                              description="seconds a new VM has to report its IP")
     vsphere: VspherePlacement | None = None
     nutanix: NutanixPlacement | None = None
 

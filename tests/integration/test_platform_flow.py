@@ -14,7 +14,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.common import PhaseNotImplemented
 from flows.platform import PlatformFailed, platform
-from flows.provision import provision_vms
+from flows.prepare import prepare_vms
 from sizing.plan import PHASES
 from tests.conftest import LAB_SPEC
 
@@ -69,19 +69,21 @@ def test_plan_only_runs_the_nine_phases_in_order() -> None:
     assert "```mermaid" in topology.data
 
 
-def test_a_real_run_fails_loudly_at_the_first_unbuilt_phase() -> None:
+def test_a_failed_phase_stops_the_run_and_the_summary_says_so() -> None:
+    # No hypervisor block exists in this harness: phase 1 must fail at once, clearly.
     state = platform(spec_path=str(LAB_SPEC), plan_only=False, return_state=True)
     assert state.is_failed()
-    with pytest.raises(PlatformFailed, match=r"phase 1 \(provision-vms\).*not implemented yet"):
+    with pytest.raises(PlatformFailed, match=r"phase 1 \(provision-vms\).*'lab-vcenter'.*"
+                                             r"create it first"):
         state.result()
     summary = asyncio.run(_artifact("platform-summary"))
     rows = summary.data
     assert '"state": "Failed"' in rows and rows.count('"NotRun"') == 8
 
 
-def test_a_phase_runs_alone_and_refuses_to_pretend() -> None:
-    with pytest.raises(PhaseNotImplemented, match=r"phase 1 .* not implemented yet"):
-        provision_vms(spec_path=str(LAB_SPEC))
+def test_an_unbuilt_phase_runs_alone_and_refuses_to_pretend() -> None:
+    with pytest.raises(PhaseNotImplemented, match=r"phase 2 .* not implemented yet"):
+        prepare_vms(spec_path=str(LAB_SPEC))
 
 
 def test_a_bad_spec_fails_before_any_phase(tmp_path: Any) -> None:

@@ -1,0 +1,420 @@
+"""The `VsphereHypervisor` block: vCenter's address and credentials, and a pyvmomi session
+that implements the phase-1 hypervisor protocol (blocks.hypervisor)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim, vmodl
+
+from blocks.hypervisor import (
+    OWNER_KEY,
+    CloudInit,
+    EnsureResult,
+    HypervisorError,
+    TransientHypervisorError,
+    VmState,
+    VmWanted,
+    differences,
+)
+from sizing.spec import VspherePlacement
+
+T = TypeVar("T")
+GB = 1024 * 1024  # KB per GB, vSphere's disk unit
+
+_TRANSIENT = (ConnectionError, socket.timeout, TimeoutError, http.client.HTTPException,
+              vim.fault.TaskInProgress, vim.fault.ConcurrentAccess,
+              vmodl.fault.HostCommunication)
+_PERMANENT = (vim.fault.InvalidLogin, vim.fault.NoPermission, vim.fault.InsufficientResourcesFault,
+              vim.fault.NoDiskSpace, vim.fault.FileFault, vim.fault.InvalidState,
+              vmodl.fault.InvalidArgument, vim.fault.DuplicateName)
+
+
+class VsphereHypervisor(Block):
+    """vCenter credentials. TLS is verified unless turned off; a private CA may be given."""
+
+    _block_type_name = "vSphere Hypervisor"
+    _block_type_slug = "vsphere-hypervisor"
+    _description = "vCenter address and credentials used by phase 1 and the drift check."
+
+    address: str = Field(description="vCenter host name or address, with :port if not 443")
+    user: str = Field(description="vCenter user, e.g. svc-platform@vsphere.local")
+    password: SecretStr
+    verify_tls: bool = Field(default=True, description="verify vCenter's TLS certificate")
+    ca_bundle: str | None = Field(default=None,
+                                  description="PEM of the CA that signed vCenter's certificate")
+
+    def open(self, placement: VspherePlacement) -> VsphereSession:
+        """Log in and bind to the spec's placement. Raises HypervisorError on a bad login."""
+        host, _, port = self.address.rpartition(":") if ":" in self.address else \
+            (self.address, "", "443")
+        if self.verify_tls:
+            context = ssl.create_default_context(cadata=self.ca_bundle or None)
+        else:
+            context = ssl._create_unverified_context()
+        try:
+            si = SmartConnect(host=host, port=int(port), user=self.user,
+                              pwd=self.password.get_secret_value(), sslContext=context,
+                              connectionPoolTimeout=30)
+        except vim.fault.InvalidLogin:
+            raise HypervisorError(f"vCenter {self.address} refused the login of {self.user}: "
+                                  "check the password in this block") from None
+        except ssl.SSLCertVerificationError as error:
+            raise HypervisorError(f"vCenter {self.address}: TLS verification failed ({error}); "
+                                  "set ca_bundle to the CA that signed its certificate") from None
+        except ssl.SSLError as error:  # a handshake cut short: the network, not the certificate
+            raise TransientHypervisorError(f"vCenter {self.address}: TLS handshake failed: "
+                                           f"{error}") from None
+        except (ConnectionError, OSError, http.client.HTTPException) as error:
+            raise TransientHypervisorError(f"vCenter {self.address} unreachable: {error}") from None
+        return VsphereSession(si, self.address, placement)
+
+
+class VsphereSession:
+    """One logged-in session on vCenter, bound to a datacenter, cluster, datastore, folder."""
+
+    def __init__(self, si: vim.ServiceInstance, address: str,
+                 placement: VspherePlacement) -> None:
+        self.si = si
+        self.address = address
+        self.placement = placement
+        self.content = si.RetrieveContent()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # a vCenter that went away: nothing to log out
+            Disconnect(self.si)
+
+    # --- faults ---------------------------------------------------------------------------
+
+    def _call(self, what: str, action: Callable[[], T]) -> T:
+        """Run a vCenter call, sorting its faults into permanent and transient ones."""
+        try:
+            return action()
+        except _PERMANENT as fault:
+            raise HypervisorError(f"vCenter {self.address}: {what}: {_fault_text(fault)}") \
+                from None
+        except _TRANSIENT as fault:
+            raise TransientHypervisorError(f"vCenter {self.address}: {what}: "
+                                           f"{_fault_text(fault)}") from None
+        except vmodl.MethodFault as fault:
+            raise HypervisorError(f"vCenter {self.address}: {what}: {_fault_text(fault)}") \
+                from None
+
+    def _wait(self, what: str, task: vim.Task, timeout: float = 1800) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = task.info
+            if info.state == vim.TaskInfo.State.success:
+                return info.result
+            if info.state == vim.TaskInfo.State.error:
+                fault = info.error
+                if isinstance(fault, _TRANSIENT):
+                    raise TransientHypervisorError(f"vCenter {self.address}: {what}: "
+                                                   f"{_fault_text(fault)}")
+                raise HypervisorError(f"vCenter {self.address}: {what}: {_fault_text(fault)}")
+            if time.monotonic() > deadline:
+                raise TransientHypervisorError(f"vCenter {self.address}: {what}: task still "
+                                               f"{info.state} after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    # --- placement ------------------------------------------------------------------------
+
+    def _children(self, root: Any, kind: type) -> list[Any]:
+        assert self.content.viewManager is not None
+        view = self.content.viewManager.CreateContainerView(root, [kind], True)
+        try:
+            return list(view.view)
+        finally:
+            view.Destroy()
+
+    def _datacenter(self) -> vim.Datacenter | None:
+        return next((dc for dc in self._children(self.content.rootFolder, vim.Datacenter)
+                     if dc.name == self.placement.datacenter), None)
+
+    def _named(self, root: Any, kind: type, name: str) -> Any:
+        return next((obj for obj in self._children(root, kind) if obj.name == name), None)
+
+    def preflight(self, networks: list[str]) -> list[str]:
+        p = self.placement
+        dc = self._call("finding the datacenter", self._datacenter)
+        if dc is None:
+            names = [d.name for d in self._children(self.content.rootFolder, vim.Datacenter)]
+            return [f"datacenter {p.datacenter!r} not found on {self.address} "
+                    f"(found: {', '.join(names) or 'none'})"]
+        problems = []
+        cluster = self._named(dc.hostFolder, vim.ClusterComputeResource, p.cluster)
+        if cluster is None:
+            problems.append(f"cluster {p.cluster!r} not found in datacenter {p.datacenter}")
+        elif p.resource_pool and self._named(cluster.resourcePool, vim.ResourcePool,
+                                             p.resource_pool) is None:
+            problems.append(f"resource pool {p.resource_pool!r} not found in cluster "
+                            f"{p.cluster}")
+        if not any(ds.name == p.datastore for ds in dc.datastore):
+            problems.append(f"datastore {p.datastore!r} not found in datacenter {p.datacenter}")
+        template = self._named(dc.vmFolder, vim.VirtualMachine, p.template)
+        if template is None:
+            problems.append(f"template {p.template!r} not found in datacenter {p.datacenter}")
+        elif not template.config.template:
+            problems.append(f"{p.template!r} is a VM, not a template: mark it as a template")
+        present = {net.name for net in dc.network}
+        problems += [f"port group {name!r} not found in datacenter {p.datacenter}"
+                     for name in networks if name not in present]
+        return problems
+
+    def _folder(self, dc: vim.Datacenter) -> vim.Folder:
+        """The spec's VM folder, created if missing (a nested path with '/' is allowed)."""
+        folder = dc.vmFolder
+        for part in [p for p in self.placement.folder.split("/") if p]:
+            child = next((f for f in folder.childEntity
+                          if isinstance(f, vim.Folder) and f.name == part), None)
+            if child is None:
+                try:
+                    child = folder.CreateFolder(part)
+                except vim.fault.DuplicateName:  # another task made it meanwhile
+                    child = next(f for f in folder.childEntity
+                                 if isinstance(f, vim.Folder) and f.name == part)
+            folder = child
+        return folder
+
+    # --- reading VMs ----------------------------------------------------------------------
+
+    def _vm_objects(self) -> list[vim.VirtualMachine]:
+        dc = self._datacenter()
+        if dc is None:
+            raise HypervisorError(f"datacenter {self.placement.datacenter!r} not found on "
+                                  f"{self.address}")
+        return [vm for vm in self._children(dc.vmFolder, vim.VirtualMachine)
+                if not (vm.config and vm.config.template)]
+
+    def _state(self, vm: vim.VirtualMachine) -> VmState:
+        config = vm.config
+        devices = config.hardware.device if config else []
+        disks = tuple(int(d.capacityInKB // GB) for d in devices
+                      if isinstance(d, vim.vm.device.VirtualDisk))
+        networks = []
+        for device in devices:
+            if isinstance(device, vim.vm.device.VirtualEthernetCard):
+                backing = device.backing
+                if isinstance(backing, vim.vm.device.VirtualEthernetCard.NetworkBackingInfo):
+                    networks.append(str(backing.deviceName))
+                elif isinstance(backing, vim.vm.device.VirtualEthernetCard.
+                                DistributedVirtualPortBackingInfo):
+                    key = backing.port.portgroupKey
+                    networks.append(str(next((n.name for n in vm.network
+                                              if getattr(n, "key", None) == key), key)))
+        extra = {str(o.key): str(o.value) for o in (config.extraConfig if config else [])}
+        return VmState(
+            id=str(vm._moId), name=vm.name,
+            powered_on=vm.runtime.powerState == "poweredOn",
+            vcpu=int(config.hardware.numCPU) if config else 0,
+            memory_gb=int(config.hardware.memoryMB // 1024) if config else 0,
+            disks_gb=disks, networks=tuple(networks),
+            guest_ip=(vm.guest.ipAddress or None) if vm.guest else None,
+            owner=extra.get(OWNER_KEY))
+
+    def list_vms(self) -> list[VmState]:
+        return self._call("listing VMs", lambda: [self._state(vm) for vm in self._vm_objects()])
+
+    def _find(self, name: str) -> vim.VirtualMachine | None:
+        found = [vm for vm in self._vm_objects() if vm.name == name]
+        if len(found) > 1:
+            raise HypervisorError(f"vCenter {self.address}: {len(found)} VMs are named {name} "
+                                  f"({', '.join(vm._moId for vm in found)}); rename or remove "
+                                  "the extra ones")
+        return found[0] if found else None
+
+    def find_vm(self, name: str) -> VmState | None:
+        vm = self._call(f"finding VM {name}", lambda: self._find(name))
+        return None if vm is None else self._call(f"reading VM {name}",
+                                                  lambda: self._state(vm))
+
+    # --- changing VMs ---------------------------------------------------------------------
+
+    def ensure_vm(self, want: VmWanted, resize: bool) -> EnsureResult:
+        vm = self._call(f"finding VM {want.name}", lambda: self._find(want.name))
+        if vm is None:
+            vm = self._create(want)
+            return EnsureResult("created", self._state(vm),
+                                changes=(f"cloned from {self.placement.template}",))
+        state = self._state(vm)
+        if state.owner != want.owner:
+            raise HypervisorError(
+                f"VM {want.name} exists on {self.address} but was not created for platform "
+                f"{want.owner} (owner: {state.owner or 'unknown'}); rename or remove it, it "
+                "is not touched")
+        to_fix, larger = differences(want, state)
+        notes = tuple(f"{want.name}: {item}: larger than the spec, left as is"
+                      for item in larger)
+        if not to_fix:
+            return EnsureResult("unchanged", state, notes=notes)
+        if not resize:
+            return EnsureResult("unchanged", state, notes=notes + tuple(
+                f"{want.name}: {item}: below the spec; set hypervisor.resize: true to fix"
+                for item in to_fix))
+        self._reconfigure(vm, want, state)
+        return EnsureResult("changed", self._state(vm), changes=tuple(to_fix), notes=notes)
+
+    def _create(self, want: VmWanted) -> vim.VirtualMachine:
+        p = self.placement
+        dc = self._datacenter()
+        assert dc is not None
+        cluster = self._named(dc.hostFolder, vim.ClusterComputeResource, p.cluster)
+        pool = self._named(cluster.resourcePool, vim.ResourcePool, p.resource_pool) \
+            if p.resource_pool else cluster.resourcePool
+        datastore = next(ds for ds in dc.datastore if ds.name == p.datastore)
+        template = self._named(dc.vmFolder, vim.VirtualMachine, p.template)
+        if template is None:
+            raise HypervisorError(f"template {p.template!r} not found in {p.datacenter}")
+        folder = self._call(f"creating folder {p.folder}", lambda: self._folder(dc))
+        spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=pool, datastore=datastore),
+                                powerOn=False, template=False)
+        task = self._call(f"cloning {p.template} to {want.name}",
+                          lambda: template.CloneVM_Task(folder=folder, name=want.name,
+                                                        spec=spec))
+        vm = self._wait(f"cloning {p.template} to {want.name}", task)
+        self._reconfigure(vm, want, self._state(vm),
+                          extra=guestinfo(want.cloud_init) | {OWNER_KEY: want.owner})
+        return vm
+
+    def _reconfigure(self, vm: Any, want: VmWanted, state: VmState,
+                     extra: dict[str, str] | None = None) -> None:
+        """Grow CPU, memory and disks to the spec and attach the zone's network."""
+        config: Any = vim.vm.ConfigSpec()
+        changes: list[vim.vm.device.VirtualDeviceSpec] = []
+        hot_cpu = state.vcpu >= want.vcpu or bool(vm.config.cpuHotAddEnabled)
+        hot_mem = state.memory_gb >= want.memory_gb or bool(vm.config.memoryHotAddEnabled)
+        if state.vcpu < want.vcpu:
+            config.numCPUs = want.vcpu
+        if state.memory_gb < want.memory_gb:
+            config.memoryMB = want.memory_gb * 1024
+        devices = list(vm.config.hardware.device)
+        disks = [d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
+        for index, wanted in enumerate(want.disks_gb):
+            if index < len(disks):
+                if disks[index].capacityInKB < wanted * GB:
+                    disks[index].capacityInKB = wanted * GB
+                    changes.append(vim.vm.device.VirtualDeviceSpec(
+                        operation=vim.vm.device.VirtualDeviceSpec.Operation.edit,
+                        device=disks[index]))
+            else:
+                changes.append(self._new_disk(devices, changes, wanted))
+        nic = next((d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)),
+                   None)
+        if want.network not in state.networks:
+            changes.append(self._nic_spec(vm, nic, want.network))
+        config.deviceChange = changes
+        if extra:
+            config.extraConfig = [vim.option.OptionValue(key=k, value=v)
+                                  for k, v in extra.items()]
+        must_stop = state.powered_on and not (hot_cpu and hot_mem)
+        if must_stop:
+            self._wait(f"powering off {want.name} to resize it", vm.PowerOffVM_Task())
+        self._wait(f"reconfiguring {want.name}", self._call(
+            f"reconfiguring {want.name}", lambda: vm.ReconfigVM_Task(config)))
+        if must_stop:
+            self._wait(f"powering on {want.name}", vm.PowerOnVM_Task())
+
+    @staticmethod
+    def _new_disk(devices: list[Any], pending: list[Any], size_gb: int) -> Any:
+        controller = next(d for d in devices
+                          if isinstance(d, vim.vm.device.VirtualSCSIController))
+        used = {d.unitNumber for d in devices if getattr(d, "controllerKey", None) ==
+                controller.key} | {c.device.unitNumber for c in pending
+                                   if getattr(c.device, "controllerKey", None) == controller.key}
+        unit = next(u for u in range(16) if u != 7 and u not in used)  # 7: the controller
+        disk = vim.vm.device.VirtualDisk(
+            key=-100 - len(pending), controllerKey=controller.key, unitNumber=unit,
+            capacityInKB=size_gb * GB,
+            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(diskMode="persistent",
+                                                                   thinProvisioned=True))
+        return vim.vm.device.VirtualDeviceSpec(
+            operation=vim.vm.device.VirtualDeviceSpec.Operation.add,
+            fileOperation=vim.vm.device.VirtualDeviceSpec.FileOperation.create, device=disk)
+
+    def _nic_spec(self, vm: vim.VirtualMachine, nic: Any, network_name: str) -> Any:
+        dc = self._datacenter()
+        assert dc is not None
+        network: Any = next((n for n in dc.network if n.name == network_name), None)
+        if network is None:
+            raise HypervisorError(f"port group {network_name!r} not found in "
+                                  f"{self.placement.datacenter}")
+        if isinstance(network, vim.dvs.DistributedVirtualPortgroup):
+            network = cast(Any, network)
+            backing: Any = vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(
+                port=vim.dvs.PortConnection(
+                    portgroupKey=network.key,
+                    switchUuid=network.config.distributedVirtualSwitch.uuid))
+        else:
+            backing = vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(
+                deviceName=network.name, network=network)
+        if nic is None:
+            nic = vim.vm.device.VirtualVmxnet3(key=-1, addressType="generated")
+            operation = vim.vm.device.VirtualDeviceSpec.Operation.add
+        else:
+            operation = vim.vm.device.VirtualDeviceSpec.Operation.edit
+        nic.backing = backing
+        nic.connectable = vim.vm.device.VirtualDevice.ConnectInfo(
+            startConnected=True, connected=True, allowGuestControl=True)
+        return vim.vm.device.VirtualDeviceSpec(operation=operation, device=nic)
+
+    def power_on(self, name: str) -> bool:
+        vm = self._call(f"finding VM {name}", lambda: self._find(name))
+        if vm is None:
+            raise HypervisorError(f"VM {name} not found on {self.address}")
+        if vm.runtime.powerState == "poweredOn":
+            return False
+        self._wait(f"powering on {name}",
+                   self._call(f"powering on {name}", lambda: vm.PowerOnVM_Task()))
+        return True
+
+    def wait_for_ip(self, name: str, expected: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        seen: str | None = None
+        while time.monotonic() < deadline:
+            vm = self._call(f"finding VM {name}", lambda: self._find(name))
+            if vm is None:
+                raise HypervisorError(f"VM {name} vanished from {self.address} while booting")
+            seen = vm.guest.ipAddress if vm.guest else None
+            if seen == expected:
+                return expected
+            time.sleep(0.3)
+        raise HypervisorError(
+            f"VM {name} did not report IP {expected} within {timeout:.0f} s (it reports "
+            f"{seen or 'no IP'}): check its console, cloud-init and the port group")
+
+    def delete_vm(self, name: str) -> bool:
+        vm = self._call(f"finding VM {name}", lambda: self._find(name))
+        if vm is None:
+            return False
+        if vm.runtime.powerState == "poweredOn":
+            self._wait(f"powering off {name}", vm.PowerOffVM_Task())
+        self._wait(f"destroying {name}", vm.Destroy_Task())
+        return True
+
+
+def guestinfo(cloud_init: CloudInit) -> dict[str, str]:
+    """The extraConfig entries that carry cloud-init data to the guest on vSphere (what
+    cloud-init's VMware datasource reads): base64, each with its `.encoding` key."""
+    out: dict[str, str] = {}
+    for key, text in (("guestinfo.metadata", cloud_init.metadata),
+                      ("guestinfo.userdata", cloud_init.userdata)):
+        out[key] = base64.b64encode(text.encode()).decode()
+        out[f"{key}.encoding"] = "base64"
+    return out
+
+
+def _fault_text(fault: object) -> str:
+    if fault is None:
+        return "unknown fault"
+    message = getattr(fault, "msg", None) or getattr(fault, "faultMessage", None) or str(fault)
+    return f"{type(fault).__name__}: {message}".strip()

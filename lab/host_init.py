@@ -1,0 +1,559 @@
+"""PID 1 of a lab host: builds the guest's root, plays cloud-init, then supervises sshd.
+
+Started by lab/hosts.py as
+`setsid ip netns exec NS unshare --uts --ipc --mount --pid --fork --mount-proc --kill-child
+--propagation private /usr/bin/python3 host_init.py PARAMS.json`, so it already sits in the
+host's network, UTS, IPC, mount and PID namespaces. It runs under the machine's
+/usr/bin/python3 with the standard library only: it must not depend on the project venv,
+which the host sees like any other directory of the base.
+
+Boot, in order (each step is named in the error sent back to hosts.py):
+1. mount an overlay of the whole base root (lower = /, upper/work = the host's disk);
+2. mount fresh proc, sysfs, a small /dev, tmpfs /run, /tmp, /dev/shm; hide the lab's
+   state dir; bind the systemctl replacement read-only over /usr/bin/systemctl;
+   pivot_root into the overlay;
+3. bring up lo and eth0 (address, default route), announcing the address (arp_notify);
+4. set the hostname; populate /run; once per disk, disable the services the base
+   machine has enabled; once per instance id, play cloud-init (machine-id, hosts,
+   resolv.conf, users, sudoers, SSH host keys, write_files); install the lab's
+   ssh.service;
+5. start `sshd -D -e`, report ready once it listens, start the units enabled in this
+   host; then reap zombies, forward SIGHUP to sshd (so `kill -HUP 1` reloads it),
+   restart it if it dies, and on SIGTERM stop every process of the host and exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import grp
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MNT_DETACH = 0x2
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+INSTANCE_ID_FILE = "/var/lib/cloud/data/instance-id"
+DISK_MARKER = "/var/lib/lab-host/disk-prepared"
+WANTS_DIR = "/etc/systemd/system/multi-user.target.wants"
+SSH_UNITS = ("ssh.service", "sshd.service")
+SUDOERS_FILE = "/etc/sudoers.d/90-cloud-init-users"
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+
+SSH_UNIT = """\
+# Installed by the lab (lab/host_init.py). In a lab host sshd is supervised by PID 1:
+# starting, restarting or reloading ssh checks the configuration and asks PID 1 to make
+# sshd re-read it (SIGHUP); the unit's main process is a placeholder, so stopping ssh
+# leaves sshd and its sessions running.
+[Unit]
+Description=OpenBSD Secure Shell server (lab host)
+
+[Service]
+Type=simple
+ExecStartPre=/usr/sbin/sshd -t
+ExecStart=/bin/sh -c 'kill -HUP 1 && exec sleep infinity'
+ExecReload=/bin/sh -c '/usr/sbin/sshd -t && kill -HUP 1'
+
+[Install]
+WantedBy=multi-user.target
+Alias=sshd.service
+"""
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class BootError(Exception):
+    """A boot step failed; `step` names it for the error hosts.py raises."""
+
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(f"{step}: {detail}")
+        self.step = step
+        self.detail = detail
+
+
+class Shutdown(Exception):
+    """Raised from the SIGTERM handler to leave the supervision loop."""
+
+
+def log(message: str) -> None:
+    """One line to the console log (stderr), stamped like a kernel console."""
+    sys.stderr.write(f"[{time.monotonic():12.3f}] init: {message}\n")
+    sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def step(name: str) -> Iterator[None]:
+    """Name the boot step so that any failure inside it says where it happened."""
+    try:
+        yield
+    except BootError:
+        raise
+    except Exception as exc:
+        raise BootError(name, f"{type(exc).__name__}: {exc}") from exc
+
+
+def run(step_name: str, argv: list[str], input: str | None = None) -> str:
+    """Run a command of the guest; a failure quotes its stderr."""
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True,
+                          env={"PATH": PATH, "LANG": "C.UTF-8", "HOME": "/root"})
+    if proc.returncode != 0:
+        raise BootError(step_name, f"`{' '.join(argv)}` exited {proc.returncode}: "
+                                   f"{(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    """mount(2) without spawning mount(8): a dozen mounts per boot, twenty hosts at once."""
+    rc = _libc.mount(source.encode(), target.encode(),
+                     fstype.encode() if fstype else None, ctypes.c_ulong(flags),
+                     data.encode() if data else None)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype or 'bind'} {source} on {target}"
+                           f"{' -o ' + data if data else ''}: {os.strerror(err)}")
+
+
+def bind_file(source: str, target: str, read_only: bool) -> None:
+    """Bind one file over another (created empty if missing), optionally read-only."""
+    if not os.path.lexists(target):
+        Path(target).touch(mode=0o644)
+    mount(source, target, None, MS_BIND)
+    if read_only:
+        mount("none", target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
+
+
+def build_root(params: dict[str, Any]) -> None:
+    """Overlay the base root and give it its own kernel filesystems, then enter it."""
+    root = params["root"]
+    with step("mount overlay root"):
+        mount("overlay", root, "overlay", 0,
+              f"lowerdir=/,upperdir={params['upper']},workdir={params['work']}")
+    with step("mount kernel filesystems"):
+        mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        mount("sysfs", f"{root}/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        mount("tmpfs", f"{root}/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=20%")
+        mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    with step("mount /dev"):
+        dev = f"{root}/dev"
+        mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=1m")
+        for name in DEVICES:
+            bind_file(f"/dev/{name}", f"{dev}/{name}", read_only=False)
+        os.mkdir(f"{dev}/pts", 0o755)
+        mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+              "newinstance,ptmxmode=0666,mode=0620,gid=5")
+        os.symlink("pts/ptmx", f"{dev}/ptmx")
+        os.mkdir(f"{dev}/shm", 0o1777)
+        mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        for fd, stream in enumerate(("stdin", "stdout", "stderr")):
+            os.symlink(f"/proc/self/fd/{fd}", f"{dev}/{stream}")
+        os.symlink("/proc/self/fd", f"{dev}/fd")
+    with step("hide the lab's state"):
+        # The overlay shows the whole machine, the lab's state dir included: other
+        # hosts' disks and their private keys are none of this guest's business.
+        for path in params.get("hide", []):
+            if os.path.isdir(f"{root}{path}"):
+                mount("tmpfs", f"{root}{path}", "tmpfs",
+                      MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
+    if params.get("systemctl"):
+        with step("bind systemctl"):
+            bind_file(params["systemctl"], f"{root}/usr/bin/systemctl", read_only=True)
+    with step("pivot_root"):
+        number = SYS_PIVOT_ROOT.get(os.uname().machine)
+        if number is None:
+            raise OSError(f"no pivot_root syscall number for {os.uname().machine}")
+        os.chdir(root)
+        if _libc.syscall(number, b".", b".") != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"pivot_root {root}: {os.strerror(err)}")
+        if _libc.umount2(b".", MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"detach the old root: {os.strerror(err)}")
+        os.chdir("/")
+
+
+def configure_network(params: dict[str, Any]) -> None:
+    """What netplan does on a VM: lo and eth0 up, the static address, the default route."""
+    with step("network"):
+        # Announce the address on link-up so neighbours drop a stale MAC for this IP.
+        Path("/proc/sys/net/ipv4/conf/all/arp_notify").write_text("1\n")
+        batch = "\n".join([
+            "link set lo up",
+            f"addr add {params['address']} dev eth0",
+            "link set eth0 up",
+            f"route add default via {params['gateway']} dev eth0",
+        ]) + "\n"
+        run("network", ["ip", "-batch", "-"], input=batch)
+
+
+def write_text(path: str, content: str, mode: int, uid: int = 0, gid: int = 0) -> None:
+    """Replace a file's content atomically with the given mode and owner."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.lab-tmp")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as handle:
+        handle.write(content)
+    os.chown(tmp, uid, gid)
+    os.chmod(tmp, mode)
+    if target.is_symlink():
+        target.unlink()
+    os.replace(tmp, target)
+
+
+def set_hostname(params: dict[str, Any]) -> None:
+    """Every boot: the UTS hostname and /etc/hostname follow the VM's configuration."""
+    with step("hostname"):
+        socket.sethostname(params["hostname"])
+        wanted = params["hostname"] + "\n"
+        current = Path("/etc/hostname")
+        if not current.is_file() or current.read_text() != wanted:
+            write_text("/etc/hostname", wanted, 0o644)
+
+
+def prepare_run() -> None:
+    """Populate the fresh /run the way systemd's early boot would (sshd needs /run/sshd)."""
+    with step("tmpfiles"):
+        if shutil.which("systemd-tmpfiles", path=PATH):
+            proc = subprocess.run(["systemd-tmpfiles", "--create", "--boot", "--prefix=/run"],
+                                  capture_output=True, text=True, env={"PATH": PATH})
+            if proc.returncode != 0:  # partial failures are normal outside systemd
+                log(f"systemd-tmpfiles exited {proc.returncode}: {proc.stderr.strip()}")
+            # --boot also creates /run/nologin ("System is booting up"), which
+            # systemd-user-sessions removes once boot is over: so do we.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink("/run/nologin")
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        os.makedirs("/run/lock", mode=0o1777, exist_ok=True)
+
+
+def prepare_disk() -> None:
+    """Once per disk: the base machine's enabled services are not this VM's.
+
+    The machine has haproxy, keepalived, postgresql... enabled; a fresh VM of the
+    product has none of them running. Disabling them here (whiteouts in the upper dir)
+    makes the host start, at each boot, exactly what was enabled inside it.
+    """
+    if os.path.exists(DISK_MARKER):
+        return
+    with step("prepare disk"):
+        for link in sorted(glob.glob(f"{WANTS_DIR}/*")):
+            if os.path.basename(link) not in SSH_UNITS:
+                os.unlink(link)
+        write_text(DISK_MARKER, "base services disabled\n", 0o644)
+
+
+def enabled_units() -> list[str]:
+    """Units enabled in this host (sshd excepted: PID 1 runs it)."""
+    return sorted(name for name in os.listdir(WANTS_DIR) if name not in SSH_UNITS) \
+        if os.path.isdir(WANTS_DIR) else []
+
+
+def cloud_init(params: dict[str, Any]) -> None:
+    """Once per instance id: apply what cloud-init would from the VM's guestinfo."""
+    marker = Path(INSTANCE_ID_FILE)
+    if marker.is_file() and marker.read_text().strip() == params["instance_id"]:
+        log(f"instance {params['instance_id']} already initialised")
+        return
+    log(f"first boot of instance {params['instance_id']}")
+    with step("cloud-init machine-id"):
+        write_text("/etc/machine-id", os.urandom(16).hex() + "\n", 0o444)
+    with step("cloud-init /etc/hosts"):
+        write_text("/etc/hosts", hosts_file(params), 0o644)
+    with step("cloud-init /etc/resolv.conf"):
+        write_text("/etc/resolv.conf", resolv_conf(params), 0o644)
+    for user in params["users"]:
+        with step(f"cloud-init user {user['name']}"):
+            create_user(user)
+    sudoers = [u["name"] for u in params["users"] if u.get("sudo")]
+    if sudoers:
+        with step("cloud-init sudoers"):
+            install_sudoers(sudoers)
+    with step("cloud-init ssh host keys"):
+        install_host_keys(params["host_keys"])
+    for item in params["write_files"]:
+        with step(f"cloud-init write_files {item['path']}"):
+            write_guest_file(item)
+    with step("cloud-init instance id"):
+        write_text(INSTANCE_ID_FILE, params["instance_id"] + "\n", 0o644)
+
+
+def hosts_file(params: dict[str, Any]) -> str:
+    """/etc/hosts as cloud-init's Debian template writes it, plus the host's own address.
+
+    The own address comes first so that resolving the hostname yields the routable
+    address before 127.0.1.1 (clustered software picks the first one).
+    """
+    names = f"{params['fqdn']} {params['hostname']}" if params["fqdn"] != params["hostname"] \
+        else params["hostname"]
+    own = params["address"].split("/")[0]
+    return "\n".join([
+        "# Written on first boot by the lab's cloud-init (lab/host_init.py).",
+        f"{own} {names}",
+        f"127.0.1.1 {names}",
+        "127.0.0.1 localhost",
+        "::1 localhost ip6-localhost ip6-loopback",
+        "ff02::1 ip6-allnodes",
+        "ff02::2 ip6-allrouters",
+    ]) + "\n"
+
+
+def resolv_conf(params: dict[str, Any]) -> str:
+    """Name servers from the VM's network config; the search domain from its FQDN."""
+    lines = ["# Written on first boot by the lab's cloud-init (lab/host_init.py)."]
+    domain = params["fqdn"].partition(".")[2]
+    if domain:
+        lines.append(f"search {domain}")
+    lines += [f"nameserver {server}" for server in params["dns"]]
+    return "\n".join(lines) + "\n"
+
+
+def create_user(user: dict[str, Any]) -> None:
+    """useradd (unless the base already has the user) and its authorized_keys."""
+    name = user["name"]
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        run(f"cloud-init user {name}", ["useradd", "-m", "-s", user["shell"], name])
+        entry = pwd.getpwnam(name)
+    ssh_dir = Path(entry.pw_dir) / ".ssh"
+    ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chown(ssh_dir, entry.pw_uid, entry.pw_gid)
+    os.chmod(ssh_dir, 0o700)
+    keys = "".join(key.strip() + "\n" for key in user["ssh_authorized_keys"])
+    write_text(str(ssh_dir / "authorized_keys"), keys, 0o600, entry.pw_uid, entry.pw_gid)
+
+
+def install_sudoers(names: list[str]) -> None:
+    """Passwordless sudo, validated with visudo before it goes live."""
+    content = "# Created by the lab's cloud-init (lab/host_init.py).\n" + "".join(
+        f"{name} ALL=(ALL) NOPASSWD:ALL\n" for name in names)
+    tmp = SUDOERS_FILE + ".lab-check"
+    write_text(tmp, content, 0o440)
+    try:
+        run("cloud-init sudoers", ["visudo", "-cf", tmp])
+    except BootError:
+        os.unlink(tmp)
+        raise
+    os.replace(tmp, SUDOERS_FILE)
+
+
+def install_host_keys(host_keys: list[list[str]]) -> None:
+    """Exactly the VM's host keys: the base machine's keys must not leak into the host."""
+    if not host_keys:
+        raise ValueError("no SSH host keys given")
+    for path in glob.glob("/etc/ssh/ssh_host_*"):
+        os.unlink(path)
+    for key_type, private, public in host_keys:
+        if key_type not in ("rsa", "ecdsa", "ed25519"):
+            raise ValueError(f"unsupported host key type {key_type!r}")
+        base = f"/etc/ssh/ssh_host_{key_type}_key"
+        write_text(base, private.strip() + "\n", 0o600)
+        write_text(base + ".pub", public.strip() + "\n", 0o644)
+
+
+def write_guest_file(item: dict[str, Any]) -> None:
+    """cloud-init's write_files entry (after users exist, so their names can own files)."""
+    user, _, group = item["owner"].partition(":")
+    entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    if not group:
+        gid = entry.pw_gid
+    else:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    write_text(item["path"], item["content"], int(item["permissions"], 8), entry.pw_uid, gid)
+
+
+def install_ssh_unit() -> None:
+    """Every boot: the lab's ssh.service (restarting the stock unit would kill sshd)."""
+    with step("ssh.service override"):
+        unit = Path("/etc/systemd/system/ssh.service")
+        if unit.is_symlink() or not unit.is_file() or unit.read_text() != SSH_UNIT:
+            write_text(str(unit), SSH_UNIT, 0o644)
+        alias = Path("/etc/systemd/system/sshd.service")
+        if not alias.is_symlink() or os.readlink(alias) != "ssh.service":
+            if alias.is_symlink() or alias.exists():
+                alias.unlink()
+            alias.symlink_to("ssh.service")
+
+
+def mark_ssh_active() -> None:
+    """Start ssh.service's placeholder and record it the way systemctl3 records a
+    running simple unit, so `systemctl is-active ssh` says active as on a VM and
+    reload works. (Running `systemctl start ssh` would cost half a second per boot and
+    make sshd re-exec right after it starts listening.)
+    """
+    with step("ssh.service status"):
+        placeholder = subprocess.Popen(["sleep", "infinity"], stdin=subprocess.DEVNULL,
+                                       env={"PATH": PATH})
+        write_text("/run/ssh.service.status", f"MainPID={placeholder.pid}\n", 0o644)
+
+
+def listening() -> bool:
+    """Whether some TCP socket listens in this network namespace (only sshd runs yet)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A":
+                return True
+    return False
+
+
+def start_sshd() -> subprocess.Popen[bytes]:
+    """sshd in the foreground, logging to the console; its children are ours to reap."""
+    return subprocess.Popen(["/usr/sbin/sshd", "-D", "-e"], stdin=subprocess.DEVNULL,
+                            env={"PATH": PATH, "LANG": "C.UTF-8"})
+
+
+class Supervisor:
+    """PID 1's duties once booted: reap, forward SIGHUP, keep sshd up, shut down on TERM."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.sshd: subprocess.Popen[bytes] | None = None
+        self.restarts: list[float] = []
+
+    def on_hup(self, signum: int, frame: object) -> None:
+        """`kill -HUP 1` (the ssh.service override) makes sshd re-read its config."""
+        if self.sshd is not None and self.sshd.returncode is None:
+            log("SIGHUP: reloading sshd")
+            os.kill(self.sshd.pid, signal.SIGHUP)
+
+    def on_term(self, signum: int, frame: object) -> NoReturn:
+        """Power-off request from hosts.py."""
+        raise Shutdown()
+
+    def start_units(self) -> None:
+        """Like multi-user.target: start what was enabled in this host, in the background."""
+        units = enabled_units()
+        if units:
+            log(f"starting enabled units: {' '.join(units)}")
+            subprocess.Popen(["systemctl", "start", *units], stdin=subprocess.DEVNULL,
+                             env={"PATH": PATH, "LANG": "C.UTF-8", "HOME": "/root"})
+
+    def boot_sshd(self) -> None:
+        """Validate the config (to quote sshd's complaint), start sshd, wait until it listens."""
+        run("sshd config test", ["/usr/sbin/sshd", "-t"])
+        self.sshd = start_sshd()
+        deadline = time.monotonic() + 10
+        while not listening():
+            if self.sshd.poll() is not None:
+                raise BootError("sshd", f"sshd exited {self.sshd.returncode} at start "
+                                        "(see console.log)")
+            if time.monotonic() > deadline:
+                raise BootError("sshd", "sshd did not listen within 10 s")
+            time.sleep(0.005)
+
+    def loop(self) -> None:
+        """Reap every child until told to shut down."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                signal.pause()
+                continue
+            if self.sshd is not None and pid == self.sshd.pid:
+                self.sshd.returncode = os.waitstatus_to_exitcode(status)
+                self._restart_sshd()
+
+    def _restart_sshd(self) -> None:
+        """Keep the host reachable, like Restart=on-failure, but give up on a crash loop."""
+        assert self.sshd is not None
+        log(f"sshd exited {self.sshd.returncode}")
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < 60] + [now]
+        if len(self.restarts) > 5:
+            log("sshd keeps dying; not restarting it again")
+            return
+        time.sleep(1)
+        self.sshd = start_sshd()
+        log(f"sshd restarted as pid {self.sshd.pid}")
+
+    def shutdown(self) -> None:
+        """SIGTERM everything in the host, wait up to the grace period, then exit."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        log("shutting down")
+        try:
+            os.kill(-1, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + self.grace
+        while time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                time.sleep(0.02)
+        log("grace period over; the kernel kills what is left")
+
+
+def report(fd: int, message: dict[str, Any]) -> None:
+    """Tell hosts.py how the boot went (one JSON line), then let go of the pipe."""
+    try:
+        os.write(fd, (json.dumps(message) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str]) -> int:
+    """Boot the host described by the JSON file in argv[1]."""
+    params = json.loads(Path(argv[1]).read_text())
+    status_fd = int(params["status_fd"])
+    os.set_inheritable(status_fd, False)
+    supervisor = Supervisor(float(params.get("stop_grace", 5)))
+    signal.signal(signal.SIGHUP, supervisor.on_hup)
+    signal.signal(signal.SIGTERM, supervisor.on_term)
+    signal.signal(signal.SIGINT, supervisor.on_term)
+    try:
+        log(f"booting {params['name']}")
+        build_root(params)
+        configure_network(params)
+        set_hostname(params)
+        prepare_run()
+        prepare_disk()
+        cloud_init(params)
+        install_ssh_unit()
+        supervisor.boot_sshd()
+        mark_ssh_active()
+    except BootError as exc:
+        log(f"boot failed: {exc}")
+        report(status_fd, {"ok": False, "step": exc.step, "detail": exc.detail})
+        return 1
+    except Shutdown:
+        log("stopped during boot")
+        report(status_fd, {"ok": False, "step": "boot", "detail": "stopped during boot"})
+        return 1
+    assert supervisor.sshd is not None
+    report(status_fd, {"ok": True, "sshd": supervisor.sshd.pid})
+    log(f"up: sshd pid {supervisor.sshd.pid}")
+    try:
+        supervisor.start_units()
+        supervisor.loop()
+    except Shutdown:
+        supervisor.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

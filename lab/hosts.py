@@ -1,0 +1,555 @@
+"""Lab hosts: a simulated VM per IP address, built from namespaces on this machine.
+
+A lab host is what the product sees when it powers on a VM in the lab: a machine at the
+VM's address with its own hostname, users, SSH host keys and disk, reachable over real
+SSH. It is a network namespace attached to a bridge by a veth pair, plus UTS, IPC, mount
+and PID namespaces whose PID 1 (lab/host_init.py) overlays the machine's whole root
+copy-on-write and plays cloud-init's part on first boot. Packages installed on the machine
+are therefore "on the base image" of every host; whatever a host changes stays in its
+overlay upper dir, its disk, which survives stop() and goes with delete().
+
+State lives under `state_dir/hosts/<name>/` (upper, work, root, params.json, run.json,
+console.log), so another process with the same state_dir can stop or delete hosts that
+this one booted: hosts are not children to be waited for, they outlive the caller. The
+state dir itself is hidden inside every host (it holds the hosts' private keys).
+
+boot() returns once the host's sshd listens (about 0.1 s; twenty in parallel in about
+1 s on two cores); stop() is a guest shutdown: SIGTERM to every process, SIGKILL after
+`stop_grace`. Everything here needs root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+from typing import Any
+
+from lab.systemctl import ensure_systemctl
+
+INIT_SCRIPT = Path(__file__).resolve().with_name("host_init.py")
+GUEST_PYTHON = "/usr/bin/python3"
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+GUEST_ENV = {"PATH": PATH, "LANG": "C.UTF-8", "HOME": "/root", "USER": "root",
+             "LOGNAME": "root"}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+REQUIRED_TOOLS = ("ip", "setsid", "unshare", "nsenter", "sshd")
+
+
+@dataclass(frozen=True)
+class GuestUser:
+    """A cloud-init `users` entry."""
+
+    name: str
+    ssh_authorized_keys: tuple[str, ...]
+    sudo: bool = True  # passwordless sudo via /etc/sudoers.d/90-cloud-init-users
+    shell: str = "/bin/bash"
+
+
+@dataclass(frozen=True)
+class GuestFile:
+    """A cloud-init `write_files` entry (written after the users are created)."""
+
+    path: str
+    content: str
+    permissions: str = "0644"
+    owner: str = "root:root"
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """What cloud-init would apply on first boot; built by the lab from a VM's guestinfo."""
+
+    name: str  # VM name, unique in the lab (e.g. "lab-vault-01")
+    instance_id: str  # cloud-init applies users/keys/files once per instance id
+    hostname: str  # short name
+    fqdn: str
+    address: IPv4Interface  # e.g. 10.231.0.22/24
+    gateway: IPv4Address
+    dns: tuple[IPv4Address, ...]
+    bridge: str  # an existing Linux bridge in the root namespace
+    users: tuple[GuestUser, ...]
+    # (type like "ed25519"/"rsa", private key OpenSSH text, public key line)
+    host_keys: tuple[tuple[str, str, str], ...]
+    write_files: tuple[GuestFile, ...] = ()
+    mac: str | None = None  # the VM NIC's MAC; derived from the name when None
+
+
+class LabHostError(RuntimeError):
+    """A lab host operation failed; says which host, which step and why."""
+
+    def __init__(self, host: str, step: str, detail: str) -> None:
+        super().__init__(f"lab host {host}: {step} failed: {detail}")
+        self.host = host
+        self.step = step
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class _Process:
+    """A process identified by pid and start time, so a reused pid is not mistaken for it."""
+
+    pid: int
+    start: int
+
+    @classmethod
+    def of(cls, pid: int) -> _Process | None:
+        """Snapshot a live process, or None if it is gone or a zombie."""
+        stat = _stat(pid)
+        return None if stat is None or stat[0] in "ZX" else cls(pid, int(stat[19]))
+
+    def alive(self) -> bool:
+        """Same process still there and not a zombie."""
+        stat = _stat(self.pid)
+        return stat is not None and stat[0] not in "ZX" and int(stat[19]) == self.start
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return raw[raw.rindex(")") + 2:].split()
+
+
+class LabHosts:
+    """Boots, stops and deletes lab hosts; all state under `state_dir/hosts/<name>/`."""
+
+    def __init__(self, state_dir: Path, *, stop_grace: float = 5.0,
+                 boot_timeout: float = 30.0) -> None:
+        """`stop_grace`: how long a host's processes get between SIGTERM and SIGKILL."""
+        self.state_dir = Path(state_dir).resolve()
+        self.hosts_dir = self.state_dir / "hosts"
+        self.stop_grace = stop_grace
+        self.boot_timeout = boot_timeout
+        # Names in the root namespace are global: tag them with this state dir.
+        self._tag = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:5]
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._launchers: dict[str, subprocess.Popen[bytes]] = {}
+        self._systemctl: Path | None = None
+
+    # -- naming -----------------------------------------------------------------------
+
+    def host_dir(self, name: str) -> Path:
+        """The host's disk and bookkeeping."""
+        return self.hosts_dir / _checked_name(name)
+
+    def console_log(self, name: str) -> Path:
+        """The init's and sshd's stderr, appended across boots."""
+        return self.host_dir(name) / "console.log"
+
+    def netns(self, name: str) -> str:
+        """The host's network namespace (`ip netns exec <this> ...` for debugging)."""
+        return f"lab{self._tag}-{_checked_name(name)}"
+
+    def _veth(self, name: str) -> str:
+        """Host end of the veth pair: unique, at most 15 characters."""
+        digest = hashlib.sha256(f"{self.state_dir}\0{name}".encode()).hexdigest()
+        return f"lv{digest[:11]}"
+
+    def _mac(self, config: HostConfig) -> str:
+        """The NIC's MAC: the VM's own, else stable per name (neighbours' ARP stays valid)."""
+        if config.mac:
+            return config.mac
+        digest = hashlib.sha256(f"{self.state_dir}\0{config.name}".encode()).digest()
+        return "02:" + ":".join(f"{byte:02x}" for byte in digest[:5])
+
+    # -- public operations ------------------------------------------------------------
+
+    def boot(self, config: HostConfig) -> bool:
+        """Power the host on and return once its sshd listens; False if it was running.
+
+        A running host is left alone even if `config` changed (like powering on a VM that
+        is on). A host that failed to boot is torn down before the error is raised.
+        """
+        with self._locked(config.name):
+            if self._running(config.name) is not None:
+                return False
+            self._teardown(config.name)
+            self._check_prerequisites(config)
+            self._launch(config)
+            return True
+
+    def stop(self, name: str) -> bool:
+        """Power off: the host's processes and network go, its disk stays."""
+        with self._locked(name):
+            return self._teardown(name)
+
+    def delete(self, name: str) -> bool:
+        """Power off and remove the disk; False if nothing of the host existed."""
+        with self._locked(name):
+            existed = self._teardown(name) or self.host_dir(name).exists()
+            self._remove_disk(name)
+            return existed
+
+    def is_running(self, name: str) -> bool:
+        """Whether the host's PID 1 is alive."""
+        return self._running(name) is not None
+
+    def names(self) -> list[str]:
+        """Every host with a disk, running or not."""
+        if not self.hosts_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.hosts_dir.iterdir()
+                      if (p / "upper").is_dir() or (p / "run.json").is_file())
+
+    def exec(self, name: str, argv: list[str], input: str | None = None,
+             timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run a command as root inside the running host (for tests and debugging).
+
+        Like subprocess.run without check: the caller looks at returncode. On timeout the
+        command's process group is killed and LabHostError raised.
+        """
+        init = self._running(name)
+        if init is None:
+            raise LabHostError(name, "exec", "host is not running")
+        cmd = ["nsenter", "--target", str(init.pid), "--mount", "--uts", "--ipc", "--net",
+               "--pid", "--root", "--wd", "--", *argv]
+        with subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None
+                              else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=GUEST_ENV,
+                              start_new_session=True) as proc:
+            try:
+                out, err = proc.communicate(input, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                raise LabHostError(name, f"exec {argv!r}",
+                                   f"timed out after {timeout} s") from None
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+    def stop_all(self) -> list[str]:
+        """Stop every running host (in parallel); the names that were running."""
+        stopped = self._each(self.stop, self._candidates())
+        return sorted(name for name, done in stopped.items() if done)
+
+    def delete_all(self) -> list[str]:
+        """Delete every host of this state dir (in parallel); the names that existed."""
+        deleted = self._each(self.delete, self._candidates())
+        return sorted(name for name, done in deleted.items() if done)
+
+    # -- boot -------------------------------------------------------------------------
+
+    def _check_prerequisites(self, config: HostConfig) -> None:
+        """Fail before touching anything if the host cannot possibly boot."""
+        if os.geteuid() != 0:
+            raise LabHostError(config.name, "prerequisites", "lab hosts need root")
+        missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool, path=PATH) is None]
+        if missing or not os.access(GUEST_PYTHON, os.X_OK):
+            raise LabHostError(config.name, "prerequisites",
+                               f"missing {', '.join(missing) or GUEST_PYTHON}")
+        bridge = Path("/sys/class/net") / config.bridge
+        if not (bridge / "bridge").is_dir():
+            raise LabHostError(config.name, "prerequisites",
+                               f"bridge {config.bridge} does not exist")
+        if not int((bridge / "flags").read_text(), 16) & 0x1:
+            raise LabHostError(config.name, "prerequisites", f"bridge {config.bridge} is down")
+        if config.gateway not in config.address.network:
+            raise LabHostError(config.name, "prerequisites",
+                               f"gateway {config.gateway} is outside {config.address.network}")
+        if not config.host_keys:
+            raise LabHostError(config.name, "prerequisites", "no SSH host keys")
+
+    def _launch(self, config: HostConfig) -> None:
+        """Network first, then PID 1; wait for its report and record who it is."""
+        name = config.name
+        hdir = self.host_dir(name)
+        for sub in ("upper", "work", "root"):
+            (hdir / sub).mkdir(parents=True, exist_ok=True)
+        hdir.chmod(0o700)
+        (hdir / "upper").chmod(0o755)  # the guest's "/" takes the upper dir's mode
+        if self._systemctl is None:
+            try:
+                self._systemctl = ensure_systemctl()
+            except Exception as exc:
+                raise LabHostError(name, "fetch systemctl", str(exc)) from exc
+        netns, veth = self.netns(name), self._veth(name)
+        try:
+            self._ip(name, "create network",
+                     f"netns add {netns}\n"
+                     f"link add {veth} type veth peer name eth0 address {self._mac(config)} "
+                     f"netns {netns}\n"
+                     f"link set {veth} master {config.bridge} up\n")
+        except BaseException:
+            self._teardown(name)
+            raise
+        read_fd, write_fd = os.pipe()
+        try:
+            params_path = hdir / "params.json"
+            _write_private(params_path, json.dumps(
+                self._params(config, hdir, write_fd), indent=1))
+            with (hdir / "console.log").open("ab") as console:
+                console.write(f"--- boot {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
+                console.flush()
+                launcher = subprocess.Popen(
+                    ["setsid", "ip", "netns", "exec", netns, "unshare", "--uts", "--ipc",
+                     "--mount", "--pid", "--fork", "--mount-proc", "--kill-child",
+                     "--propagation", "private", GUEST_PYTHON, "-I", "-S", str(INIT_SCRIPT),
+                     str(params_path)],
+                    stdin=subprocess.DEVNULL, stdout=console, stderr=console,
+                    pass_fds=(write_fd,), env=GUEST_ENV, cwd="/")
+            os.close(write_fd)
+            write_fd = -1
+            self._launchers[name] = launcher
+            threading.Thread(target=launcher.wait, name=f"reap-{name}", daemon=True).start()
+            status = self._await_report(name, read_fd)
+            if not status.get("ok"):
+                raise LabHostError(name, str(status.get("step", "boot")),
+                                   str(status.get("detail", "")))
+            init = self._init_of(launcher.pid)
+            if init is None:
+                raise LabHostError(name, "boot", "PID 1 vanished right after booting; "
+                                   f"console.log ends: {self._console_tail(name)}")
+        except BaseException:
+            self._abort(name)
+            raise
+        finally:
+            os.close(read_fd)
+            if write_fd >= 0:
+                os.close(write_fd)
+        launcher_proc = _Process.of(launcher.pid)
+        _write_private(hdir / "run.json", json.dumps({
+            "netns": netns, "veth": veth, "init_pid": init.pid, "init_start": init.start,
+            "launcher_pid": launcher.pid,
+            "launcher_start": launcher_proc.start if launcher_proc else 0,
+            "booted_at": time.time(),
+        }))
+
+    def _params(self, config: HostConfig, hdir: Path, status_fd: int) -> dict[str, Any]:
+        """The JSON that host_init.py boots from (holds private keys: mode 600)."""
+        return {
+            "name": config.name, "instance_id": config.instance_id,
+            "hostname": config.hostname, "fqdn": config.fqdn,
+            "address": str(config.address), "gateway": str(config.gateway),
+            "dns": [str(server) for server in config.dns],
+            "users": [{"name": u.name, "ssh_authorized_keys": list(u.ssh_authorized_keys),
+                       "sudo": u.sudo, "shell": u.shell} for u in config.users],
+            "host_keys": [list(key) for key in config.host_keys],
+            "write_files": [{"path": f.path, "content": f.content,
+                             "permissions": f.permissions, "owner": f.owner}
+                            for f in config.write_files],
+            "upper": str(hdir / "upper"), "work": str(hdir / "work"),
+            "root": str(hdir / "root"), "systemctl": str(self._systemctl),
+            "status_fd": status_fd, "stop_grace": self.stop_grace,
+            "hide": [str(self.state_dir)],
+        }
+
+    def _abort(self, name: str) -> None:
+        """Undo a failed boot: SIGKILL to `unshare` takes PID 1 along (--kill-child)."""
+        launcher = self._launchers.get(name)
+        if launcher is not None and launcher.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                launcher.kill()
+        self._teardown(name)
+
+    def _await_report(self, name: str, read_fd: int) -> dict[str, Any]:
+        """PID 1 writes one JSON line when sshd listens or a step failed."""
+        deadline = time.monotonic() + self.boot_timeout
+        data = b""
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LabHostError(name, "boot", f"no report within {self.boot_timeout} s; "
+                                   f"console.log ends: {self._console_tail(name)}")
+            ready, _, _ = select.select([read_fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                return {"ok": False, "step": "boot",
+                        "detail": f"PID 1 exited; console.log ends: {self._console_tail(name)}"}
+            data += chunk
+        report: dict[str, Any] = json.loads(data.split(b"\n", 1)[0])
+        return report
+
+    def _console_tail(self, name: str, lines: int = 15) -> str:
+        """The end of the console log, to quote in errors."""
+        try:
+            text = self.console_log(name).read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no console.log)"
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    @staticmethod
+    def _init_of(launcher_pid: int) -> _Process | None:
+        """The host's PID 1 is the only child of `unshare --fork`."""
+        try:
+            children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text()
+        except FileNotFoundError:
+            return None
+        pids = [int(pid) for pid in children.split()]
+        return _Process.of(pids[0]) if len(pids) == 1 else None
+
+    # -- stop and delete ----------------------------------------------------------------
+
+    def _run_record(self, name: str) -> dict[str, Any] | None:
+        """What the last boot recorded, if anything."""
+        try:
+            record: dict[str, Any] = json.loads((self.host_dir(name) / "run.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return record
+
+    def _running(self, name: str) -> _Process | None:
+        """The live PID 1 of the host, or None."""
+        record = self._run_record(name)
+        if record is None:
+            return None
+        init = _Process(int(record["init_pid"]), int(record["init_start"]))
+        return init if init.alive() else None
+
+    def _teardown(self, name: str) -> bool:
+        """Stop the processes, then the network; True if the host was running."""
+        record = self._run_record(name) or {}
+        init = _Process(int(record.get("init_pid", 0)), int(record.get("init_start", 0)))
+        was_running = bool(record) and init.alive()
+        if was_running:
+            self._signal(init, signal.SIGTERM)
+            if not _wait_gone(init, self.stop_grace + 5):
+                self._signal(init, signal.SIGKILL)
+                if not _wait_gone(init, 10):
+                    raise LabHostError(name, "stop", f"PID 1 ({init.pid}) survives SIGKILL")
+        launcher = _Process(int(record.get("launcher_pid", 0)),
+                            int(record.get("launcher_start", 0)))
+        if record and not _wait_gone(launcher, 5):
+            self._signal(launcher, signal.SIGKILL)  # kills PID 1 too (--kill-child)
+            _wait_gone(launcher, 5)
+        popen = self._launchers.pop(name, None)
+        if popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=5)
+        netns, veth = self.netns(name), self._veth(name)
+        if Path("/run/netns", netns).exists():
+            # Stragglers entered the namespace from outside (ip netns exec): a powered-off
+            # VM runs nothing.
+            pids = _run(name, "list namespace processes", ["ip", "netns", "pids", netns])
+            for pid in pids.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        if Path("/sys/class/net", veth).exists():
+            _run(name, "delete veth", ["ip", "link", "del", veth])
+        if Path("/run/netns", netns).exists():
+            _run(name, "delete network namespace", ["ip", "netns", "del", netns])
+        with contextlib.suppress(FileNotFoundError):
+            (self.host_dir(name) / "run.json").unlink()
+        return was_running
+
+    def _signal(self, process: _Process, signum: signal.Signals) -> None:
+        """Signal a process only if it is still the one recorded."""
+        if process.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
+
+    def _remove_disk(self, name: str) -> None:
+        """Remove the host's directory, never following a mount into the machine's root."""
+        hdir = self.host_dir(name)
+        if not hdir.exists():
+            return
+        prefix = str(hdir) + "/"
+        mounted = [point for point in _mount_points() if (point + "/").startswith(prefix)]
+        if mounted:
+            raise LabHostError(name, "delete disk", f"still mounted: {', '.join(mounted)}")
+        for sub in ("upper", "work"):
+            if (hdir / sub).exists():
+                shutil.rmtree(hdir / sub)
+        if (hdir / "root").exists():
+            (hdir / "root").rmdir()  # an empty mount point; rmdir refuses anything else
+        shutil.rmtree(hdir)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _candidates(self) -> list[str]:
+        """Every host this state dir knows about."""
+        if not self.hosts_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.hosts_dir.iterdir()
+                      if p.is_dir() and NAME_RE.match(p.name))
+
+    @staticmethod
+    def _each(operation: Any, names: list[str]) -> dict[str, bool]:
+        """Run `operation(name)` for every name in parallel; the first error wins."""
+        if not names:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+            results = dict(zip(names, pool.map(operation, names), strict=True))
+        return results
+
+    def _ip(self, name: str, step: str, batch: str) -> None:
+        """Several ip(8) commands in one process."""
+        _run(name, step, ["ip", "-batch", "-"], input=batch)
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        """One operation per host at a time, across threads and processes."""
+        _checked_name(name)
+        with self._locks_guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        locks_dir = self.state_dir / "locks"
+        locks_dir.mkdir(parents=True, exist_ok=True)
+        with lock, (locks_dir / f"{name}.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _checked_name(name: str) -> str:
+    """VM names become paths and namespace names: keep them tame."""
+    if not NAME_RE.match(name):
+        raise ValueError(f"invalid lab host name {name!r}")
+    return name
+
+
+def _run(name: str, step: str, argv: list[str], input: str | None = None) -> str:
+    """Run a command on the machine; a failure names the host, the step and stderr."""
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True, env=GUEST_ENV)
+    if proc.returncode != 0:
+        raise LabHostError(name, step, f"`{' '.join(argv)}` exited {proc.returncode}: "
+                                       f"{(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout
+
+
+def _write_private(path: Path, content: str) -> None:
+    """Write a file only root can read, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(content)
+    os.replace(tmp, path)
+
+
+def _wait_gone(process: _Process, timeout: float) -> bool:
+    """Poll until the process is gone (or a zombie); False on timeout."""
+    deadline = time.monotonic() + timeout
+    while process.alive():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _mount_points() -> list[str]:
+    """Mount points in this process's mount namespace."""
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        points.append(point.replace("\\040", " "))
+    return points

@@ -1,0 +1,201 @@
+"""The lab as a whole: up, status, down, up again; a VM powered on in vcsim boots a host
+that answers SSH with the injected keys; power off and destroy stop and remove it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from pyVim.task import WaitForTask
+from pyVmomi import vim
+
+from blocks.vsphere import guestinfo
+from lab.hosts import LabHosts
+from lab.lab import Lab, ssh_answers
+from lab.network import LAB_RANGE
+from lab.prefect_stack import PrefectStack
+from lab.vcsim import all_of, connect
+from sizing.inventory import build_inventory
+from sizing.spec import PlatformSpec
+from tasks.cloud_init import HostKey, render_cloud_init
+from tests.conftest import LAB_SPEC
+
+pytestmark = [pytest.mark.lab,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
+
+
+def _leftovers(state: Path) -> list[str]:
+    """Everything of the lab that would outlive `down`."""
+    found = []
+    links = json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True, text=True,
+                                      check=True).stdout)
+    hosts = LabHosts(state)
+    veths = {hosts._veth(name) for name in ("lab-vault-01", "bare-vm")}
+    found += [f"link {link['ifname']}" for link in links
+              if link["ifname"].startswith("plab-") or link["ifname"] in veths]
+    routes = subprocess.run(["ip", "route", "show", "type", "unreachable"],
+                            capture_output=True, text=True, check=True).stdout
+    if str(LAB_RANGE) in routes:
+        found.append(f"route unreachable {LAB_RANGE}")
+    if subprocess.run(["nft", "list", "table", "inet", "platform_lab"],
+                      capture_output=True, check=False).returncode == 0:
+        found.append("nft table platform_lab")
+    found += [f"netns {n}" for n in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                   text=True, check=True).stdout.split()
+              if n.startswith(f"lab{hosts._tag}-")]
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if str(state).encode() in cmdline:
+                found.append(f"process {pid} {cmdline[:80]!r}")
+    mounts = Path("/proc/self/mountinfo").read_text()
+    found += [f"mount {line.split()[4]}" for line in mounts.splitlines() if str(state) in line]
+    if state.exists():
+        found.append(f"directory {state}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, lab_spec: PlatformSpec) -> Iterator[Lab]:
+    if subprocess.run(["ip", "link", "show", "plab-lan"], capture_output=True,
+                      check=False).returncode == 0:
+        pytest.fail("a lab is already up on this machine (bridge plab-lan); run `make down`")
+    state = tmp_path_factory.mktemp("lab") / "state"
+    os.environ["PLATFORM_LAB_VCSIM_PORT"] = "18997"
+    lab = Lab(str(LAB_SPEC), lab_spec, state_dir=state,
+              prefect=PrefectStack(state_dir=state, port=4317))
+    try:
+        yield lab
+    finally:
+        lab.down()
+        os.environ.pop("PLATFORM_LAB_VCSIM_PORT", None)
+        assert _leftovers(state) == []
+
+
+def test_up_status_down_up_again(lab: Lab) -> None:
+    first = lab.up()
+    assert any("started vcsim" in line for line in first)
+    assert any("Prefect server" in line for line in first)
+    assert lab.up() == [], "a second `up` must change nothing"
+    services = {row["service"]: row["state"] for row in lab.service_rows()}
+    assert all(str(state).startswith("up") for state in services.values()), services
+    assert lab.vm_rows() == []
+
+    removed = lab.down()
+    assert any("removed unreachable route" in line for line in removed)
+    assert _leftovers(lab.state_dir) == []
+
+    again = lab.up(with_prefect=False)
+    assert any("started vcsim" in line for line in again)
+
+
+def _clone(si: vim.ServiceInstance, name: str) -> vim.VirtualMachine:
+    """Clone the lab template the way phase 1 does, without its checks (this tests the lab)."""
+    template = next(v for v in all_of(si, vim.VirtualMachine) if v.name == "debian-12-template")
+    cluster = all_of(si, vim.ClusterComputeResource)[0]
+    WaitForTask(template.CloneVM_Task(
+        folder=template.parent, name=name,
+        spec=vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=cluster.resourcePool))))
+    return next(v for v in all_of(si, vim.VirtualMachine) if v.name == name)
+
+
+def _keypair() -> tuple[str, str]:
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    return private, public
+
+
+def test_vm_powered_on_answers_ssh_with_the_injected_keys(lab: Lab, lab_spec: PlatformSpec,
+                                                         tmp_path: Path) -> None:
+    lab.up(with_prefect=False)
+    vm = build_inventory(lab_spec).by_name("lab-vault-01")
+    user_private, user_public = _keypair()
+    host_private, host_public = _keypair()
+    cloud_init = render_cloud_init(lab_spec, vm, [user_public],
+                                   [HostKey("ed25519", host_private, host_public)],
+                                   instance_id="test-vault-1")
+    access = lab.vcsim.access()
+    assert access is not None
+    clone = _clone(connect(access), vm.name)
+    WaitForTask(clone.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[
+        vim.option.OptionValue(key=k, value=v)
+        for k, v in guestinfo(cloud_init).items()])))
+
+    started = time.monotonic()
+    WaitForTask(clone.PowerOnVM_Task())
+    while not ssh_answers(str(vm.ip)) and time.monotonic() - started < 15:
+        time.sleep(0.1)
+    answered_s = time.monotonic() - started
+    assert ssh_answers(str(vm.ip)), (tmp_path, lab.watcher.log.read_text()[-2000:])
+    assert answered_s < 5, f"SSH answered after {answered_s:.1f} s"
+
+    key_file = tmp_path / "id"
+    key_file.write_text(user_private)
+    key_file.chmod(0o600)
+    known = tmp_path / "known_hosts"
+    known.write_text(f"{vm.ip} {host_public}\n")
+    ssh = ["ssh", "-i", str(key_file), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+           "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}",
+           "-o", "ConnectTimeout=5", f"debian@{vm.ip}"]
+    done = subprocess.run([*ssh, "hostname; sudo -n true && echo sudo-ok"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["lab-vault-01", "sudo-ok"]
+
+    # The guest reported its address, as VMware tools would: phase 1 waits for it.
+    deadline = time.monotonic() + 5
+    while clone.guest.ipAddress != str(vm.ip) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert clone.guest.ipAddress == str(vm.ip)
+    assert {"vm": vm.name, "power": "poweredOn", "ip": str(vm.ip), "host": "up",
+            "ssh": "yes"} in lab.vm_rows()
+
+    # A wrong host key is refused: strict checking holds.
+    _, other_public = _keypair()
+    known.write_text(f"{vm.ip} {other_public}\n")
+    refused = subprocess.run([*ssh, "true"], capture_output=True, text=True, timeout=30,
+                             check=False)
+    assert refused.returncode != 0 and "HOST IDENTIFICATION HAS CHANGED" in refused.stderr
+
+    WaitForTask(clone.PowerOffVM_Task())
+    deadline = time.monotonic() + 10
+    while lab.hosts.is_running(vm.name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not lab.hosts.is_running(vm.name)
+    assert not ssh_answers(str(vm.ip))
+    assert vm.name in lab.hosts.names(), "powering off keeps the VM's disk"
+
+    WaitForTask(clone.Destroy_Task())
+    deadline = time.monotonic() + 10
+    while vm.name in lab.hosts.names() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert vm.name not in lab.hosts.names()
+
+
+def test_vm_without_cloud_init_boots_unreachable(lab: Lab) -> None:
+    lab.up(with_prefect=False)
+    access = lab.vcsim.access()
+    assert access is not None
+    bare = _clone(connect(access), "bare-vm")
+    WaitForTask(bare.PowerOnVM_Task())
+    deadline = time.monotonic() + 3
+    while "without cloud-init" not in lab.watcher.log.read_text() and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "bare-vm: powered on without cloud-init data" in lab.watcher.log.read_text()
+    assert not lab.hosts.is_running("bare-vm")
+    WaitForTask(bare.PowerOffVM_Task())
+    WaitForTask(bare.Destroy_Task())

@@ -1,0 +1,227 @@
+"""Phase 1 on vSphere, against the lab's vcsim (real vSphere API) and its booting guests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
+from prefect.testing.utilities import prefect_test_harness
+from pydantic import SecretStr
+from pyVim.task import WaitForTask
+from pyVmomi import vim
+
+from blocks.hypervisor import OWNER_KEY
+from blocks.ssh import SshIdentity
+from blocks.vsphere import VsphereHypervisor
+from flows.provision import provision_vms
+from lab.lab import Lab
+from lab.prefect_stack import PrefectStack
+from lab.ssh_keys import ensure_identity
+from lab.vcsim import all_of, connect
+from sizing.inventory import build_inventory
+from tasks.spec import read_spec
+from tests.conftest import LAB_SPEC
+
+pytestmark = [pytest.mark.lab, pytest.mark.prefect,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
+
+
+class DroppingProxy:
+    """A TCP proxy that closes the first ``drop`` connections at once (a flaky network)."""
+
+    def __init__(self, target: tuple[str, int], drop: int) -> None:
+        self.target, self.drop, self.dropped = target, drop, 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.dropped < self.drop:
+                self.dropped += 1
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    if subprocess.run(["ip", "link", "show", "plab-lan"], capture_output=True,
+                      check=False).returncode == 0:
+        pytest.fail("a lab is already up on this machine (bridge plab-lan); run `make down`")
+    state = tmp_path_factory.mktemp("lab-provision") / "state"
+    os.environ["PLATFORM_LAB_VCSIM_PORT"] = "18996"
+    lab = Lab(str(LAB_SPEC), read_spec(LAB_SPEC), state_dir=state,
+              prefect=PrefectStack(state_dir=state, port=4316))
+    try:
+        lab.up(with_prefect=False)
+        with prefect_test_harness(server_startup_timeout=60):
+            access = lab.vcsim.access()
+            assert access is not None
+            VsphereHypervisor(address=access.address, user=access.user,
+                              password=SecretStr(access.password),
+                              ca_bundle=access.ca_file.read_text()).save("lab-vcenter")
+            key = ensure_identity(state / "ssh")
+            SshIdentity(user="platform", private_key=SecretStr(key.read_text())).save("lab-ssh")
+            yield lab
+    finally:
+        lab.down()
+        os.environ.pop("PLATFORM_LAB_VCSIM_PORT", None)
+
+
+def _spec_variant(tmp_path: Path, **changes: Any) -> str:
+    data = yaml.safe_load(LAB_SPEC.read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    path = tmp_path / "platform.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _vms(lab: Lab) -> dict[str, Any]:
+    access = lab.vcsim.access()
+    assert access is not None
+    return {vm.name: vm for vm in all_of(connect(access), vim.VirtualMachine)
+            if not vm.config.template}
+
+
+def _artifact(key: str) -> Any:
+    async def read() -> Any:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                sort=ArtifactSort.CREATED_DESC)
+            return found[0] if found else None
+    return asyncio.run(read())
+
+
+def test_missing_template_fails_before_any_vm(lab: Lab, tmp_path: Path) -> None:
+    spec_path = _spec_variant(tmp_path, hypervisor__vsphere__template="ubuntu-9-template")
+    before = set(_vms(lab))
+    state = provision_vms(spec_path=spec_path, return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "template 'ubuntu-9-template' not found in datacenter LabDC" in message
+    assert "nothing was created" in message
+    assert set(_vms(lab)) == before
+
+
+def test_tier_100_provisioned_then_unchanged(lab: Lab) -> None:
+    spec = read_spec(LAB_SPEC)
+    inventory = build_inventory(spec)
+    result = provision_vms(spec_path=str(LAB_SPEC))
+    assert (result.created, result.changed, result.unchanged) == (18, 0, 0)
+
+    vms = _vms(lab)
+    for want in inventory.vms:
+        vm = vms[want.name]
+        hardware = vm.config.hardware
+        assert hardware.numCPU == want.vcpu
+        assert hardware.memoryMB == want.memory_gb * 1024
+        disks = [d.capacityInKB // (1024 * 1024) for d in hardware.device
+                 if isinstance(d, vim.vm.device.VirtualDisk)]
+        assert tuple(disks) == want.disks_gb
+        nics = [d for d in hardware.device if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+        assert len(nics) == 1
+        assert [n.name for n in vm.network] == [spec.zones.get(want.zone).network]
+        extra = {o.key: o.value for o in vm.config.extraConfig}
+        assert extra[OWNER_KEY] == "lab"
+        assert extra["guestinfo.userdata.encoding"] == "base64"
+        assert vm.guest.ipAddress == str(want.ip)
+        assert vm.runtime.powerState == "poweredOn"
+        assert lab.hosts.is_running(want.name)
+
+    table = _artifact("phase-1-provision-vms")
+    assert table is not None and '"created"' in table.data
+    assert "BEGIN OPENSSH PRIVATE KEY" not in table.data
+
+    again = provision_vms(spec_path=str(LAB_SPEC))
+    assert (again.created, again.changed, again.unchanged) == (0, 0, 18)
+
+
+def test_resized_behind_the_flows_back(lab: Lab, tmp_path: Path) -> None:
+    vms = _vms(lab)
+    small, large = vms["lab-vault-01"], vms["lab-gitops-01"]
+    WaitForTask(small.ReconfigVM_Task(vim.vm.ConfigSpec(numCPUs=1)))
+    WaitForTask(large.ReconfigVM_Task(vim.vm.ConfigSpec(memoryMB=64 * 1024)))
+
+    no_resize = _spec_variant(tmp_path, hypervisor__resize=False)
+    state = provision_vms(spec_path=no_resize, return_state=True)
+    assert state.is_completed()
+    table = _artifact("phase-1-provision-vms").data
+    assert "vCPU 1 < 2: below the spec; set hypervisor.resize: true to fix" in table
+    assert "memory GB 64 > 8: larger than the spec, left as is" in table
+    assert small.config.hardware.numCPU == 1
+
+    result = provision_vms(spec_path=str(LAB_SPEC))  # the lab spec says resize: true
+    assert result.changed == 1 and result.unchanged == 17
+    assert small.config.hardware.numCPU == 2
+    assert large.config.hardware.memoryMB == 64 * 1024, "never shrunk"
+
+
+def test_transient_faults_are_retried(lab: Lab, tmp_path: Path) -> None:
+    access = lab.vcsim.access()
+    assert access is not None
+    host, port = access.address.rsplit(":", 1)
+    proxy = DroppingProxy((host, int(port)), drop=2)
+    try:
+        VsphereHypervisor(address=f"127.0.0.1:{proxy.port}", user=access.user,
+                          password=SecretStr(access.password),
+                          ca_bundle=access.ca_file.read_text()).save("flaky-vcenter")
+        spec_path = _spec_variant(tmp_path, hypervisor__block="flaky-vcenter")
+        result = provision_vms(spec_path=spec_path)
+        assert proxy.dropped == 2
+        assert result.unchanged + result.changed == 18
+    finally:
+        proxy.close()
+
+
+def test_bad_password_fails_at_once(lab: Lab, tmp_path: Path) -> None:
+    access = lab.vcsim.access()
+    assert access is not None
+    VsphereHypervisor(address=access.address, user=access.user,
+                      password=SecretStr("wrong-password"),
+                      ca_bundle=access.ca_file.read_text()).save("wrong-vcenter")
+    spec_path = _spec_variant(tmp_path, hypervisor__block="wrong-vcenter")
+    state = provision_vms(spec_path=spec_path, return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert f"refused the login of {access.user}" in message
+    assert "wrong-password" not in message
