@@ -3,7 +3,8 @@
 `prefect block register -m blocks` registers every type listed here.
 """
 
+from blocks.nutanix import NutanixHypervisor
 from blocks.ssh import SshIdentity
 from blocks.vsphere import VsphereHypervisor
 
-__all__ = ["SshIdentity", "VsphereHypervisor"]
+__all__ = ["NutanixHypervisor", "SshIdentity", "VsphereHypervisor"]

@@ -32,8 +32,11 @@ from sizing.spec import VspherePlacement
 T = TypeVar("T")
 GB = 1024 * 1024  # KB per GB, vSphere's disk unit
 
+# Checked before _PERMANENT: FileNotFound is a FileFault, yet right after a clone it is
+# storage catching up (seen under parallel clones), so it is retried; a missing template
+# disk still ends, after the retries, in a clear failure.
 _TRANSIENT = (ConnectionError, socket.timeout, TimeoutError, http.client.HTTPException,
-              vim.fault.TaskInProgress, vim.fault.ConcurrentAccess,
+              vim.fault.TaskInProgress, vim.fault.ConcurrentAccess, vim.fault.FileNotFound,
               vmodl.fault.HostCommunication)
 _PERMANENT = (vim.fault.InvalidLogin, vim.fault.NoPermission, vim.fault.InsufficientResourcesFault,
               vim.fault.NoDiskSpace, vim.fault.FileFault, vim.fault.InvalidState,
@@ -89,6 +92,8 @@ class VsphereSession:
         self.address = address
         self.placement = placement
         self.content = si.RetrieveContent()
+        self._dc: vim.Datacenter | None = None
+        self._networks: dict[str, Any] | None = None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # a vCenter that went away: nothing to log out
@@ -100,12 +105,12 @@ class VsphereSession:
         """Run a vCenter call, sorting its faults into permanent and transient ones."""
         try:
             return action()
-        except _PERMANENT as fault:
-            raise HypervisorError(f"vCenter {self.address}: {what}: {_fault_text(fault)}") \
-                from None
         except _TRANSIENT as fault:
             raise TransientHypervisorError(f"vCenter {self.address}: {what}: "
                                            f"{_fault_text(fault)}") from None
+        except _PERMANENT as fault:
+            raise HypervisorError(f"vCenter {self.address}: {what}: {_fault_text(fault)}") \
+                from None
         except vmodl.MethodFault as fault:
             raise HypervisorError(f"vCenter {self.address}: {what}: {_fault_text(fault)}") \
                 from None
@@ -138,8 +143,18 @@ class VsphereSession:
             view.Destroy()
 
     def _datacenter(self) -> vim.Datacenter | None:
-        return next((dc for dc in self._children(self.content.rootFolder, vim.Datacenter)
-                     if dc.name == self.placement.datacenter), None)
+        """The placement's datacenter, looked up once per session (it is used by most calls)."""
+        if self._dc is None:
+            self._dc = next((dc for dc in self._children(self.content.rootFolder,
+                                                         vim.Datacenter)
+                             if dc.name == self.placement.datacenter), None)
+        return self._dc
+
+    def _network(self, name: str) -> Any:
+        if self._networks is None:
+            dc = self._datacenter()
+            self._networks = {n.name: n for n in dc.network} if dc is not None else {}
+        return self._networks.get(name)
 
     def _named(self, root: Any, kind: type, name: str) -> Any:
         return next((obj for obj in self._children(root, kind) if obj.name == name), None)
@@ -161,11 +176,13 @@ class VsphereSession:
                             f"{p.cluster}")
         if not any(ds.name == p.datastore for ds in dc.datastore):
             problems.append(f"datastore {p.datastore!r} not found in datacenter {p.datacenter}")
-        template = self._named(dc.vmFolder, vim.VirtualMachine, p.template)
-        if template is None:
-            problems.append(f"template {p.template!r} not found in datacenter {p.datacenter}")
-        elif not template.config.template:
-            problems.append(f"{p.template!r} is a VM, not a template: mark it as a template")
+        if p.template not in self._index(templates=True):
+            if p.template in self._index():
+                problems.append(f"{p.template!r} is a VM, not a template: mark it as a "
+                                "template")
+            else:
+                problems.append(f"template {p.template!r} not found in datacenter "
+                                f"{p.datacenter}")
         present = {net.name for net in dc.network}
         problems += [f"port group {name!r} not found in datacenter {p.datacenter}"
                      for name in networks if name not in present]
@@ -189,12 +206,37 @@ class VsphereSession:
     # --- reading VMs ----------------------------------------------------------------------
 
     def _vm_objects(self) -> list[vim.VirtualMachine]:
+        return [vm for vms in self._index().values() for vm in vms]
+
+    def _index(self, templates: bool = False) -> dict[str, list[Any]]:
+        """The datacenter's VMs (or only its templates) by name, in ONE property-collector
+        call: reading names one by one costs a round trip per VM, which a 60-VM inventory
+        times 8 parallel tasks turns into thousands of calls."""
         dc = self._datacenter()
         if dc is None:
             raise HypervisorError(f"datacenter {self.placement.datacenter!r} not found on "
                                   f"{self.address}")
-        return [vm for vm in self._children(dc.vmFolder, vim.VirtualMachine)
-                if not (vm.config and vm.config.template)]
+        assert self.content.viewManager is not None
+        view = self.content.viewManager.CreateContainerView(dc.vmFolder, [vim.VirtualMachine],
+                                                            True)
+        collector = vmodl.query.PropertyCollector
+        try:
+            spec = collector.FilterSpec(
+                objectSet=[collector.ObjectSpec(obj=view, skip=True, selectSet=[
+                    collector.TraversalSpec(name="view", path="view", skip=False,
+                                            type=vim.view.ContainerView)])],
+                propSet=[collector.PropertySpec(type=vim.VirtualMachine,
+                                                pathSet=["name", "config.template"])])
+            assert self.content.propertyCollector is not None
+            found = self.content.propertyCollector.RetrieveContents([spec])
+        finally:
+            view.Destroy()
+        index: dict[str, list[Any]] = {}
+        for item in found:
+            props = {p.name: p.val for p in item.propSet}
+            if bool(props.get("config.template")) == templates:
+                index.setdefault(str(props.get("name")), []).append(item.obj)
+        return index
 
     def _state(self, vm: vim.VirtualMachine) -> VmState:
         config = vm.config
@@ -226,7 +268,7 @@ class VsphereSession:
         return self._call("listing VMs", lambda: [self._state(vm) for vm in self._vm_objects()])
 
     def _find(self, name: str) -> vim.VirtualMachine | None:
-        found = [vm for vm in self._vm_objects() if vm.name == name]
+        found = self._index().get(name, [])
         if len(found) > 1:
             raise HypervisorError(f"vCenter {self.address}: {len(found)} VMs are named {name} "
                                   f"({', '.join(vm._moId for vm in found)}); rename or remove "
@@ -272,9 +314,10 @@ class VsphereSession:
         pool = self._named(cluster.resourcePool, vim.ResourcePool, p.resource_pool) \
             if p.resource_pool else cluster.resourcePool
         datastore = next(ds for ds in dc.datastore if ds.name == p.datastore)
-        template = self._named(dc.vmFolder, vim.VirtualMachine, p.template)
-        if template is None:
+        templates = self._index(templates=True).get(p.template)
+        if not templates:
             raise HypervisorError(f"template {p.template!r} not found in {p.datacenter}")
+        template = templates[0]
         folder = self._call(f"creating folder {p.folder}", lambda: self._folder(dc))
         spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=pool, datastore=datastore),
                                 powerOn=False, template=False)
@@ -282,8 +325,15 @@ class VsphereSession:
                           lambda: template.CloneVM_Task(folder=folder, name=want.name,
                                                         spec=spec))
         vm = self._wait(f"cloning {p.template} to {want.name}", task)
-        self._reconfigure(vm, want, self._state(vm),
-                          extra=guestinfo(want.cloud_init) | {OWNER_KEY: want.owner})
+        try:
+            self._reconfigure(vm, want, self._state(vm),
+                              extra=guestinfo(want.cloud_init) | {OWNER_KEY: want.owner})
+        except BaseException:
+            # Never leave a half-made VM behind: without its owner mark the next run would
+            # take it for a foreign VM. Remove it; the retry (or the next run) clones again.
+            with contextlib.suppress(Exception):
+                self._wait(f"removing the half-made {want.name}", vm.Destroy_Task())
+            raise
         return vm
 
     def _reconfigure(self, vm: Any, want: VmWanted, state: VmState,
@@ -342,9 +392,7 @@ class VsphereSession:
             fileOperation=vim.vm.device.VirtualDeviceSpec.FileOperation.create, device=disk)
 
     def _nic_spec(self, vm: vim.VirtualMachine, nic: Any, network_name: str) -> Any:
-        dc = self._datacenter()
-        assert dc is not None
-        network: Any = next((n for n in dc.network if n.name == network_name), None)
+        network: Any = self._network(network_name)
         if network is None:
             raise HypervisorError(f"port group {network_name!r} not found in "
                                   f"{self.placement.datacenter}")
@@ -380,14 +428,19 @@ class VsphereSession:
     def wait_for_ip(self, name: str, expected: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         seen: str | None = None
+        vm = self._call(f"finding VM {name}", lambda: self._find(name))
+        if vm is None:
+            raise HypervisorError(f"VM {name} not found on {self.address}")
         while time.monotonic() < deadline:
-            vm = self._call(f"finding VM {name}", lambda: self._find(name))
-            if vm is None:
-                raise HypervisorError(f"VM {name} vanished from {self.address} while booting")
-            seen = vm.guest.ipAddress if vm.guest else None
+            try:
+                seen = self._call(f"reading the guest IP of {name}",
+                                  lambda: vm.guest.ipAddress if vm.guest else None)
+            except vmodl.fault.ManagedObjectNotFound:
+                raise HypervisorError(f"VM {name} vanished from {self.address} while "
+                                      "booting") from None
             if seen == expected:
                 return expected
-            time.sleep(0.3)
+            time.sleep(0.1)
         raise HypervisorError(
             f"VM {name} did not report IP {expected} within {timeout:.0f} s (it reports "
             f"{seen or 'no IP'}): check its console, cloud-init and the port group")

@@ -8,6 +8,7 @@ the blocks. Down: the reverse, the route last.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,10 +21,11 @@ from pathlib import Path
 from lab.hosts import LabHosts
 from lab.mirror import assemble, bind_address
 from lab.network import LabNetwork, bridges_for
+from lab.nutanix_lab import NutanixLab
 from lab.prefect_stack import PROJECT_DIR, PrefectStack
 from lab.processes import Daemon
 from lab.ssh_keys import ensure_identity
-from lab.vcsim import Vcsim, all_of, connect
+from lab.vcsim import Vcsim
 from sizing.spec import PlatformSpec
 from tasks.spec import resolve_spec_path
 
@@ -40,6 +42,7 @@ class Lab:
         self.state_dir = state_dir or self.prefect.state_dir
         self.network = LabNetwork(self.state_dir)
         self.vcsim = Vcsim(self.state_dir)
+        self.nutanix = NutanixLab(self.state_dir)
         self.hosts = LabHosts(self.state_dir)
         self.mirror = Daemon(self.state_dir, "mirror")
         self.watcher = Daemon(self.state_dir, "watcher")
@@ -62,9 +65,7 @@ class Lab:
         if self.spec.hypervisor.kind == "vsphere":
             done += self.vcsim.up(self.spec)
         else:
-            raise NotImplementedError(
-                "the lab's Nutanix stand-in is not wired into `lab up` yet; use a vSphere "
-                "spec such as deployments/lab/platform.yaml")
+            done += self.nutanix.up(self.spec)
         done += self._mirror_up()
         done += self._watcher_up()
         if with_prefect:
@@ -88,25 +89,30 @@ class Lab:
     def _watcher_up(self) -> list[str]:
         if self.watcher.pid() is not None:
             return []
-        access = self.vcsim.access()
-        assert access is not None
-        env = dict(os.environ, LAB_VCSIM_URL=access.url, LAB_VCSIM_USER=access.user,
-                   LAB_VCSIM_PASSWORD=access.password)
+        env = dict(os.environ)
+        vcsim, prism = self.vcsim.access(), self.nutanix.access()
+        if vcsim is not None:
+            env |= {"LAB_VCSIM_URL": vcsim.url, "LAB_VCSIM_USER": vcsim.user,
+                    "LAB_VCSIM_PASSWORD": vcsim.password}
+        if prism is not None:
+            env |= {"LAB_PRISM_URL": prism.url, "LAB_PRISM_USER": prism.user,
+                    "LAB_PRISM_PASSWORD": prism.password, "LAB_PRISM_CA": str(prism.ca_file)}
         self.watcher.start([sys.executable, "-m", "lab.watcher", "--spec", self.spec_path,
                             "--state", str(self.state_dir)], env=env, cwd=PROJECT_DIR)
         self.watcher.wait_until(lambda: "watching" in self.watcher.log.read_text(), 30,
                                 "watching")
-        return ["watcher following vcsim: VMs powered on boot lab hosts"]
+        return [f"watcher following {self.spec.hypervisor.kind}: VMs powered on boot lab hosts"]
 
     def _register_blocks(self, force: bool) -> list[str]:
         """The blocks the spec names, with the lab's values (the lab vCenter, a fresh key)."""
-        access = self.vcsim.access()
+        access = self.vcsim.access() or self.nutanix.access()
         assert access is not None
         key_path = ensure_identity(self.state_dir / "ssh")
         values = {
-            "vsphere": {"name": self.spec.hypervisor.block, "address": access.address,
-                        "user": access.user, "password": access.password,
-                        "ca_bundle": access.ca_file.read_text()},
+            "hypervisor": {"kind": self.spec.hypervisor.kind,
+                           "name": self.spec.hypervisor.block, "address": access.address,
+                           "user": access.user, "password": access.password,
+                           "ca_bundle": access.ca_file.read_text()},
             "ssh": {"name": self.spec.ssh.identity_block, "user": self.spec.ssh.user,
                     "private_key": key_path.read_text()},
         }
@@ -132,7 +138,8 @@ class Lab:
         finally:
             request.unlink(missing_ok=True)
         stamp.write_text(digest)
-        return [f"blocks {self.spec.hypervisor.block} (vCenter {access.address}) and "
+        return [f"blocks {self.spec.hypervisor.block} ({self.spec.hypervisor.kind} at "
+                f"{access.address}) and "
                 f"{self.spec.ssh.identity_block} (SSH identity) saved"]
 
     # --- down ---------------------------------------------------------------------------------
@@ -148,6 +155,7 @@ class Lab:
         if pid:
             done.append(f"stopped artifact mirror (pid {pid})")
         done += self.vcsim.down()
+        done += self.nutanix.down()
         done += self.network.down()
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir)
@@ -158,21 +166,28 @@ class Lab:
 
     def vm_rows(self) -> list[dict[str, object]]:
         """Every VM of the hypervisor with its power, IP, host and SSH reachability."""
-        access = self.vcsim.access()
-        if access is None or self.vcsim.daemon.pid() is None:
-            return []
-        from pyVmomi import vim
+        from lab.cloudinit import CloudInitError, host_config
+        from lab.sources import sources_from_env
 
-        rows = []
-        for vm in sorted(all_of(connect(access), vim.VirtualMachine), key=lambda v: v.name):
-            if vm.config is not None and vm.config.template:
-                continue
-            ip = vm.guest.ipAddress if vm.guest else None
-            host_up = self.hosts.is_running(vm.name)
-            rows.append({
-                "vm": vm.name, "power": str(vm.runtime.powerState),
-                "ip": ip or "", "host": "up" if host_up else "down",
-                "ssh": "yes" if ip and host_up and ssh_answers(ip) else "no"})
+        env: dict[str, str] = {}
+        vcsim, prism = self.vcsim.access(), self.nutanix.access()
+        if vcsim is not None and self.vcsim.daemon.pid() is not None:
+            env |= {"LAB_VCSIM_URL": vcsim.url, "LAB_VCSIM_USER": vcsim.user,
+                    "LAB_VCSIM_PASSWORD": vcsim.password}
+        if prism is not None and self.nutanix.daemon.pid() is not None:
+            env |= {"LAB_PRISM_URL": prism.url, "LAB_PRISM_USER": prism.user,
+                    "LAB_PRISM_PASSWORD": prism.password, "LAB_PRISM_CA": str(prism.ca_file)}
+        rows: list[dict[str, object]] = []
+        for source in sources_from_env(env):
+            for vm in sorted(source.vms(), key=lambda v: v.name):
+                ip = ""
+                if vm.cloud_init is not None:
+                    with contextlib.suppress(CloudInitError):
+                        ip = str(host_config(vm.name, *vm.cloud_init, bridge="").address.ip)
+                host_up = self.hosts.is_running(vm.name)
+                rows.append({"vm": vm.name, "power": "on" if vm.powered_on else "off",
+                             "ip": ip, "host": "up" if host_up else "down",
+                             "ssh": "yes" if ip and host_up and ssh_answers(ip) else "no"})
         return rows
 
     def service_rows(self) -> list[dict[str, object]]:

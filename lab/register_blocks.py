@@ -11,15 +11,15 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from blocks import SshIdentity, VsphereHypervisor
+from blocks import NutanixHypervisor, SshIdentity, VsphereHypervisor
 
 
 def main(request: Path) -> None:
     values = json.loads(request.read_text())
-    vsphere = values["vsphere"]
-    VsphereHypervisor(address=vsphere["address"], user=vsphere["user"],
-                      password=SecretStr(vsphere["password"]), verify_tls=True,
-                      ca_bundle=vsphere["ca_bundle"]).save(vsphere["name"], overwrite=True)
+    hv = values["hypervisor"]
+    kind = VsphereHypervisor if hv["kind"] == "vsphere" else NutanixHypervisor
+    kind(address=hv["address"], user=hv["user"], password=SecretStr(hv["password"]),
+         verify_tls=True, ca_bundle=hv["ca_bundle"]).save(hv["name"], overwrite=True)
     ssh = values["ssh"]
     SshIdentity(user=ssh["user"], private_key=SecretStr(ssh["private_key"])).save(
         ssh["name"], overwrite=True)

@@ -1,9 +1,11 @@
-"""The simulated hypervisors the lab's watcher follows: vcsim (real vSphere API)."""
+"""The simulated hypervisors the lab's watcher follows: vcsim (real vSphere API) and the
+Nutanix Prism Central stand-in (lab.nutanix.source)."""
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping
+from functools import partial
 from ipaddress import IPv4Address
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,40 +33,49 @@ class VsphereSource:
         Disconnect(self._si)
 
     def vms(self) -> list[ObservedVM]:
-        content = self._si.RetrieveContent()
-        view = content.viewManager.CreateContainerView(content.rootFolder,
-                                                       [vim.VirtualMachine], True)
-        try:
-            spec = vmodl.query.PropertyCollector.FilterSpec(
-                objectSet=[vmodl.query.PropertyCollector.ObjectSpec(
-                    obj=view, skip=True,
-                    selectSet=[vmodl.query.PropertyCollector.TraversalSpec(
-                        name="view", path="view", skip=False, type=vim.view.ContainerView)])],
-                propSet=[vmodl.query.PropertyCollector.PropertySpec(
-                    type=vim.VirtualMachine,
-                    pathSet=["name", "runtime.powerState", "config.template",
-                             "config.extraConfig"])])
-            result = content.propertyCollector.RetrieveContents([spec])
-        finally:
-            view.Destroy()
         observed = []
         self._by_key = {}
-        for item in result:
-            props = {p.name: p.val for p in item.propSet}
+        for obj, props in self._collect(None, ["name", "runtime.powerState",
+                                               "config.template"]):
             if props.get("config.template"):
                 continue
-            extra = {o.key: str(o.value) for o in props.get("config.extraConfig", []) or []}
-            try:
-                cloud_init = from_guestinfo(extra)
-            except CloudInitError:
-                cloud_init = None
-            key = str(item.obj._moId)
-            self._by_key[key] = item.obj
+            key = str(obj._moId)
+            self._by_key[key] = obj
             observed.append(ObservedVM(
                 key=key, name=str(props.get("name", key)),
                 powered_on=props.get("runtime.powerState") == "poweredOn",
-                cloud_init=cloud_init))
+                loader=partial(self._cloud_init, obj)))
         return observed
+
+    def _collect(self, obj: Any, paths: list[str]) -> list[tuple[Any, dict[str, Any]]]:
+        """Properties of every VM (``obj`` None) or of one, in one property-collector call."""
+        content = self._si.RetrieveContent()
+        collector = vmodl.query.PropertyCollector
+        view = None
+        if obj is None:
+            view = content.viewManager.CreateContainerView(content.rootFolder,
+                                                           [vim.VirtualMachine], True)
+            object_spec = collector.ObjectSpec(obj=view, skip=True, selectSet=[
+                collector.TraversalSpec(name="view", path="view", skip=False,
+                                        type=vim.view.ContainerView)])
+        else:
+            object_spec = collector.ObjectSpec(obj=obj, skip=False)
+        try:
+            result = content.propertyCollector.RetrieveContents([collector.FilterSpec(
+                objectSet=[object_spec],
+                propSet=[collector.PropertySpec(type=vim.VirtualMachine, pathSet=paths)])])
+        finally:
+            if view is not None:
+                view.Destroy()
+        return [(item.obj, {p.name: p.val for p in item.propSet}) for item in result]
+
+    def _cloud_init(self, obj: Any) -> tuple[str, str] | None:
+        found = self._collect(obj, ["config.extraConfig"])
+        options = found[0][1].get("config.extraConfig", []) if found else []
+        try:
+            return from_guestinfo({o.key: str(o.value) for o in options or []})
+        except CloudInitError:
+            return None
 
     def report_guest(self, vm: ObservedVM, ip: IPv4Address, hostname: str) -> None:
         """What VMware tools would report once the guest's network is up."""
@@ -82,4 +93,9 @@ def sources_from_env(env: Mapping[str, str]) -> list[VmSource]:
         url = urlsplit(env["LAB_VCSIM_URL"])
         sources.append(VsphereSource(f"{url.hostname}:{url.port}", env["LAB_VCSIM_USER"],
                                      env["LAB_VCSIM_PASSWORD"]))
+    if env.get("LAB_PRISM_URL"):
+        from lab.nutanix.source import NutanixSource
+
+        sources.append(NutanixSource(env["LAB_PRISM_URL"], env["LAB_PRISM_USER"],
+                                     env["LAB_PRISM_PASSWORD"], env["LAB_PRISM_CA"]))
     return sources

@@ -14,7 +14,9 @@ import os
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Protocol
@@ -27,14 +29,24 @@ from sizing.spec import PlatformSpec
 log = logging.getLogger("lab.watcher")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ObservedVM:
-    """A VM as the hypervisor shows it."""
+    """A VM as the hypervisor shows it. The cloud-init data is read only when needed (a
+    guest to boot), since it is the bulk of what a poll would otherwise transfer."""
 
     key: str  # the hypervisor's own id (vSphere moref, Nutanix extId)
     name: str
     powered_on: bool
-    cloud_init: tuple[str, str] | None  # (metadata, userdata) texts
+    loader: Callable[[], tuple[str, str] | None] = field(repr=False,
+                                                          default=lambda: None)
+    _loaded: list[tuple[str, str] | None] = field(default_factory=list, repr=False)
+
+    @property
+    def cloud_init(self) -> tuple[str, str] | None:
+        """(metadata, userdata) texts, or None for a VM without cloud-init data."""
+        if not self._loaded:
+            self._loaded.append(self.loader())
+        return self._loaded[0]
 
 
 class VmSource(Protocol):
@@ -52,8 +64,10 @@ class Watcher:
         self.spec = spec
         self.hosts = hosts
         self.sources = sources
-        self._reported: set[tuple[str, str]] = set()  # (vm key, instance id) told to the source
+        self._reported: set[str] = set()  # keys of the VMs whose guest was reported
         self._warned: set[str] = set()
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="guest-boot")
+        self._booting: dict[str, tuple[str, Future[list[str]]]] = {}
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -66,25 +80,48 @@ class Watcher:
         observed: list[tuple[VmSource, ObservedVM]] = [
             (source, vm) for source in self.sources for vm in source.vms()]
         counts = Counter(vm.name for _, vm in observed)
+        done += self._finished_boots()
         for source, vm in observed:
             if counts[vm.name] > 1:
                 self._warn_once(f"dup:{vm.name}", f"{counts[vm.name]} VMs are named {vm.name}; "
                                 "the lab boots none of them (a real vCenter refuses this)")
                 continue
+            if vm.key in self._booting:
+                continue  # its guest is booting: look again once that is over
             if vm.powered_on:
-                done += self._power_on(source, vm)
+                if vm.key not in self._reported or not self.hosts.is_running(vm.name):
+                    # Guests boot side by side and without holding up the next poll, as
+                    # VMs powered on together do.
+                    self._booting[vm.key] = (vm.name, self._pool.submit(self._power_on,
+                                                                        source, vm))
             elif self.hosts.is_running(vm.name):
                 self.hosts.stop(vm.name)
-                self._reported = {r for r in self._reported if r[0] != vm.key}
+                self._reported.discard(vm.key)
                 done.append(f"{vm.name}: powered off, host stopped")
         names = set(counts)
+        in_flight = {name for name, _ in self._booting.values()}
         for name in self.hosts.names():
-            if name not in names:
+            if name not in names and name not in in_flight:
                 self.hosts.delete(name)
                 done.append(f"{name}: VM destroyed, host deleted")
         return done
 
+    def _finished_boots(self) -> list[str]:
+        done: list[str] = []
+        for key, (name, future) in list(self._booting.items()):
+            if not future.done():
+                continue
+            del self._booting[key]
+            error = future.exception()
+            if error is not None:
+                log.error("%s: guest boot failed: %s", name, error)
+            else:
+                done += future.result()
+        return done
+
     def _power_on(self, source: VmSource, vm: ObservedVM) -> list[str]:
+        if vm.key in self._reported and self.hosts.is_running(vm.name):
+            return []  # up and known: nothing to read, nothing to do
         if vm.cloud_init is None:
             self._warn_once(f"nodata:{vm.key}", f"{vm.name}: powered on without cloud-init "
                             "data; it boots unreachable, as a real VM would")
@@ -105,12 +142,12 @@ class Watcher:
             config = host_config(vm.name, metadata, userdata, bridge=bridge.name)
             self.hosts.boot(config)
             done.append(f"{vm.name}: powered on, host booted at {config.address.ip}")
-        if (vm.key, probe.instance_id) not in self._reported:
+        if vm.key not in self._reported:
             source.report_guest(vm, probe.address.ip, probe.hostname)
-            self._reported.add((vm.key, probe.instance_id))
+            self._reported.add(vm.key)
         return done
 
-    def run(self, interval: float = 0.5) -> None:
+    def run(self, interval: float = 0.1) -> None:
         stopping = False
 
         def stop(signum: int, frame: object) -> None:
@@ -132,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="boot lab hosts as VMs power on")
     parser.add_argument("--spec", required=True)
     parser.add_argument("--state", type=Path, required=True)
-    parser.add_argument("--interval", type=float, default=0.5)
+    parser.add_argument("--interval", type=float, default=0.1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 

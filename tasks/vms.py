@@ -3,11 +3,13 @@ and wait for its address. Each opens its own hypervisor session through the spec
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, cast
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from blocks.hypervisor import (
     HypervisorError,
@@ -21,6 +23,23 @@ from sizing.spec import PlatformSpec
 from tasks import host_keys
 from tasks.cloud_init import render_cloud_init
 from tasks.retry import transient_only
+
+
+class Stages:
+    """Where a target's seconds went (connect, create, power on, guest IP...), for the
+    phase's table: an engineer sees at once whether the hypervisor or the guest is slow."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = round(now - self._last, 2)
+        self._last = now
+
+    def text(self) -> str:
+        return ", ".join(f"{name} {secs:.2f}" for name, secs in self.seconds.items())
 
 
 def open_hypervisor(spec: PlatformSpec) -> HypervisorSession:
@@ -37,12 +56,27 @@ def open_hypervisor(spec: PlatformSpec) -> HypervisorSession:
     return _load(NutanixHypervisor, hv.block).open(hv.nutanix)
 
 
+_BLOCKS: dict[tuple[str, str, str], Any] = {}
+_BLOCKS_LOCK = threading.Lock()
+
+
 def _load(kind: Any, name: str) -> Any:
+    """Load a block once per flow run and process: a phase's tasks all use the same
+    credentials, and a load per task is an API round trip per VM for nothing."""
+    key = (str(flow_run.get_id()), kind.__name__, name)
+    with _BLOCKS_LOCK:
+        if key in _BLOCKS:
+            return _BLOCKS[key]
     try:
-        return kind.load(name)
+        block = kind.load(name)
     except ValueError as error:
         raise HypervisorError(f"Prefect block {name!r} ({kind.__name__}) cannot be loaded: "
                               f"{error}; create it first (see the README)") from None
+    with _BLOCKS_LOCK:
+        if len(_BLOCKS) > 64:  # runs of a long-lived process: keep only recent ones
+            _BLOCKS.clear()
+        _BLOCKS[key] = block
+    return block
 
 
 @task(name="preflight-hypervisor", retries=2, retry_delay_seconds=[2, 10],
@@ -82,9 +116,11 @@ def provision_vm(spec: PlatformSpec, inventory: Inventory, vm_name: str) -> dict
     powered on; its guest reporting the inventory's IP. Returns its table row."""
     logger = get_run_logger()
     started = time.monotonic()
+    stages = Stages()
     vm = inventory.by_name(vm_name)
     identity = cast(SshIdentity, _load(SshIdentity, spec.ssh.identity_block))
     session = open_hypervisor(spec)
+    stages.mark("connect")
     try:
         existing = session.find_vm(vm.name)
         key = host_keys.load(spec, vm)
@@ -95,16 +131,20 @@ def provision_vm(spec: PlatformSpec, inventory: Inventory, vm_name: str) -> dict
                     f"{host_keys.secret_name(spec, vm)} is missing, so no later phase could "
                     "verify it; restore the secret or delete the VM")
             key = host_keys.create(spec, vm)
+        stages.mark("host key")
         cloud_init = render_cloud_init(spec, vm, [identity.public_key()], [key],
                                        instance_id=f"{spec.name}-{vm.name}")
         result = session.ensure_vm(VmWanted(
             name=vm.name, vcpu=vm.vcpu, memory_gb=vm.memory_gb, disks_gb=vm.disks_gb,
             network=spec.zones.get(vm.zone).network, owner=spec.name, cloud_init=cloud_init),
             resize=spec.hypervisor.resize)
+        stages.mark(result.action if result.action != "unchanged" else "compare")
         changes = list(result.changes)
         if session.power_on(vm.name):
             changes.append("powered on")
+            stages.mark("power on")
         ip = session.wait_for_ip(vm.name, str(vm.ip), timeout=spec.hypervisor.boot_timeout)
+        stages.mark("guest IP")
     except TransientHypervisorError as error:
         logger.warning("%s: %s (will retry)", vm.name, error)
         raise
@@ -119,4 +159,5 @@ def provision_vm(spec: PlatformSpec, inventory: Inventory, vm_name: str) -> dict
     return {"vm": vm.name, "action": action, "vcpu": state.vcpu,
             "memory_gb": state.memory_gb, "disks_gb": list(state.disks_gb), "ip": ip,
             "seconds": round(time.monotonic() - started, 2),
+            "stages": stages.text(),
             "notes": "; ".join([*changes, *result.notes])}

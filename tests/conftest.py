@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,3 +21,15 @@ EXAMPLES = sorted((ROOT / "deployments" / "example").glob("*.yaml"))
 @pytest.fixture(scope="session")
 def lab_spec() -> PlatformSpec:
     return read_spec(LAB_SPEC)
+
+
+@contextmanager
+def exclusive_lab() -> Iterator[None]:
+    """Hold the machine's one lab slot: lab addresses and bridge names are global, so two
+    test sessions (or a test and a benchmark) take turns instead of colliding."""
+    with open("/run/platform-lab-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if subprocess.run(["ip", "link", "show", "plab-lan"], capture_output=True,
+                          check=False).returncode == 0:
+            pytest.fail("a lab is already up on this machine (bridge plab-lan); run `make down`")
+        yield

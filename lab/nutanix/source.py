@@ -8,6 +8,7 @@ which the VM then shows as a learned IP of its NIC, as Prism shows what AHV lear
 from __future__ import annotations
 
 import ssl
+from functools import partial
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ class NutanixSource:
                 cloud_init = (metadata, vm["user_data"])
             observed.append(ObservedVM(key=vm["ext_id"], name=vm["name"],
                                        powered_on=vm["power_state"] == "ON",
-                                       cloud_init=cloud_init))
+                                       loader=partial(_given, cloud_init)))
         return observed
 
     def report_guest(self, vm: ObservedVM, ip: IPv4Address, hostname: str) -> None:
@@ -55,3 +56,7 @@ class NutanixSource:
         response = self._http.post(f"/lab/v1/vms/{vm.key}/guest",
                                    json={"ips": {str(index): [str(ip)]}, "hostname": hostname})
         response.raise_for_status()
+
+
+def _given(data: tuple[str, str] | None) -> tuple[str, str] | None:
+    return data

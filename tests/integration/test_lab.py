@@ -25,7 +25,7 @@ from lab.vcsim import all_of, connect
 from sizing.inventory import build_inventory
 from sizing.spec import PlatformSpec
 from tasks.cloud_init import HostKey, render_cloud_init
-from tests.conftest import LAB_SPEC
+from tests.conftest import LAB_SPEC, exclusive_lab
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -67,19 +67,17 @@ def _leftovers(state: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, lab_spec: PlatformSpec) -> Iterator[Lab]:
-    if subprocess.run(["ip", "link", "show", "plab-lan"], capture_output=True,
-                      check=False).returncode == 0:
-        pytest.fail("a lab is already up on this machine (bridge plab-lan); run `make down`")
     state = tmp_path_factory.mktemp("lab") / "state"
     os.environ["PLATFORM_LAB_VCSIM_PORT"] = "18997"
     lab = Lab(str(LAB_SPEC), lab_spec, state_dir=state,
               prefect=PrefectStack(state_dir=state, port=4317))
-    try:
-        yield lab
-    finally:
-        lab.down()
-        os.environ.pop("PLATFORM_LAB_VCSIM_PORT", None)
-        assert _leftovers(state) == []
+    with exclusive_lab():
+        try:
+            yield lab
+        finally:
+            lab.down()
+            os.environ.pop("PLATFORM_LAB_VCSIM_PORT", None)
+            assert _leftovers(state) == []
 
 
 def test_up_status_down_up_again(lab: Lab) -> None:
@@ -160,7 +158,7 @@ def test_vm_powered_on_answers_ssh_with_the_injected_keys(lab: Lab, lab_spec: Pl
     while clone.guest.ipAddress != str(vm.ip) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert clone.guest.ipAddress == str(vm.ip)
-    assert {"vm": vm.name, "power": "poweredOn", "ip": str(vm.ip), "host": "up",
+    assert {"vm": vm.name, "power": "on", "ip": str(vm.ip), "host": "up",
             "ssh": "yes"} in lab.vm_rows()
 
     # A wrong host key is refused: strict checking holds.

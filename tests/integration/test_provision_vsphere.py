@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from lab.ssh_keys import ensure_identity
 from lab.vcsim import all_of, connect
 from sizing.inventory import build_inventory
 from tasks.spec import read_spec
-from tests.conftest import LAB_SPEC
+from tests.conftest import LAB_SPEC, exclusive_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.prefect,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -79,27 +78,26 @@ class DroppingProxy:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if subprocess.run(["ip", "link", "show", "plab-lan"], capture_output=True,
-                      check=False).returncode == 0:
-        pytest.fail("a lab is already up on this machine (bridge plab-lan); run `make down`")
     state = tmp_path_factory.mktemp("lab-provision") / "state"
     os.environ["PLATFORM_LAB_VCSIM_PORT"] = "18996"
     lab = Lab(str(LAB_SPEC), read_spec(LAB_SPEC), state_dir=state,
               prefect=PrefectStack(state_dir=state, port=4316))
-    try:
-        lab.up(with_prefect=False)
-        with prefect_test_harness(server_startup_timeout=60):
-            access = lab.vcsim.access()
-            assert access is not None
-            VsphereHypervisor(address=access.address, user=access.user,
-                              password=SecretStr(access.password),
-                              ca_bundle=access.ca_file.read_text()).save("lab-vcenter")
-            key = ensure_identity(state / "ssh")
-            SshIdentity(user="platform", private_key=SecretStr(key.read_text())).save("lab-ssh")
-            yield lab
-    finally:
-        lab.down()
-        os.environ.pop("PLATFORM_LAB_VCSIM_PORT", None)
+    with exclusive_lab():
+        try:
+            lab.up(with_prefect=False)
+            with prefect_test_harness(server_startup_timeout=60):
+                access = lab.vcsim.access()
+                assert access is not None
+                VsphereHypervisor(address=access.address, user=access.user,
+                                  password=SecretStr(access.password),
+                                  ca_bundle=access.ca_file.read_text()).save("lab-vcenter")
+                key = ensure_identity(state / "ssh")
+                SshIdentity(user="platform",
+                            private_key=SecretStr(key.read_text())).save("lab-ssh")
+                yield lab
+        finally:
+            lab.down()
+            os.environ.pop("PLATFORM_LAB_VCSIM_PORT", None)
 
 
 def _spec_variant(tmp_path: Path, **changes: Any) -> str:
