@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
-from prefect.client.schemas.sorting import FlowRunSort
+from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.common import PhaseNotImplemented
+from flows.core_services import core_services
 from flows.platform import PlatformFailed, platform
-from flows.prepare import prepare_vms
 from sizing.plan import PHASES
 from tests.conftest import LAB_SPEC
 
@@ -35,7 +35,8 @@ async def _flow_runs() -> list[Any]:
 async def _artifact(key: str) -> Any:
     async with get_client() as client:
         found = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            sort=ArtifactSort.CREATED_DESC, limit=1)
         return found[0] if found else None
 
 
@@ -82,8 +83,8 @@ def test_a_failed_phase_stops_the_run_and_the_summary_says_so() -> None:
 
 
 def test_an_unbuilt_phase_runs_alone_and_refuses_to_pretend() -> None:
-    with pytest.raises(PhaseNotImplemented, match=r"phase 2 .* not implemented yet"):
-        prepare_vms(spec_path=str(LAB_SPEC))
+    with pytest.raises(PhaseNotImplemented, match=r"phase 3 .* not implemented yet"):
+        core_services(spec_path=str(LAB_SPEC))
 
 
 def test_a_bad_spec_fails_before_any_phase(tmp_path: Any) -> None:
