@@ -82,11 +82,12 @@ class Vcsim:
         self.daemon.log.unlink(missing_ok=True)
         self.daemon.start([
             str(binary), "-l", access.address, "-username", access.user,
-            "-password", access.password, "-tls-cert", str(cert), "-tls-key", str(key),
+            "-tls-cert", str(cert), "-tls-key", str(key),
             "-dc-name", placement.datacenter, "-cluster-name", placement.cluster,
             "-ds-name", placement.datastore,
             "-pg-names", ",".join(zone.network for _, zone in spec.zones.items()),
-            "-vm", "1", "-autostart=false", *extra_args])
+            "-vm", "1", "-autostart=false", *extra_args],
+            env=dict(os.environ, VCSIM_PASSWORD=access.password))
         self.daemon.wait_until(lambda: "VCSIM_URL=" in self._log(), 30, "serving")
         self.access_file.write_text(json.dumps({
             "address": access.address, "user": access.user, "password": access.password,

@@ -67,7 +67,7 @@ func parseFlags() (*options, error) {
 	flag.StringVar(&pgNames, "pg-names", "", "comma-separated portgroup names; sets -pg to their count")
 	flag.BoolVar(&o.autostart, "autostart", true, "power on the VMs created by -vm")
 	flag.StringVar(&o.username, "username", "user", "the only user accepted (empty: any non-empty user/password)")
-	flag.StringVar(&o.password, "password", "pass", "its password")
+	flag.StringVar(&o.password, "password", "", "its password (default: $VCSIM_PASSWORD, else pass); the variable keeps it out of the process list")
 	flag.BoolVar(&o.tls, "tls", true, "serve HTTPS with the simulator's built-in self-signed certificate")
 	flag.StringVar(&o.tlsCert, "tls-cert", "", "PEM certificate to serve (default: the simulator's built-in one)")
 	flag.StringVar(&o.tlsKey, "tls-key", "", "PEM private key of -tls-cert")
@@ -158,6 +158,12 @@ func run() error {
 	// SessionManager.Login accepts any non-empty credentials when Listen.User is nil
 	// (the simulator then advertises DefaultLogin user:pass); otherwise only this pair.
 	m.Service.Listen = &url.URL{Host: o.listen}
+	if o.password == "" {
+		o.password = os.Getenv("VCSIM_PASSWORD")
+	}
+	if o.password == "" {
+		o.password = "pass"
+	}
 	if o.username != "" {
 		m.Service.Listen.User = url.UserPassword(o.username, o.password)
 	}
@@ -178,7 +184,12 @@ func run() error {
 	}
 	defer srv.Close()
 
-	fmt.Printf("VCSIM_URL=%s\n", srv.URL)
+	// The URL carries the login; print it without the password (it ends up in logs).
+	shown := *srv.URL
+	if shown.User != nil {
+		shown.User = url.User(shown.User.Username())
+	}
+	fmt.Printf("VCSIM_URL=%s\n", shown.String())
 
 	sig, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
