@@ -10,15 +10,13 @@ lab hosts, so each VM's time includes powering on and waiting for its reported I
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
-from pydantic import SecretStr
 
-from tests.conftest import LAB_SPEC, exclusive_lab
+from tests.conftest import LAB_SPEC
 
 
 def _stage_means() -> str:
@@ -50,19 +48,12 @@ def _stage_means() -> str:
 
 
 def main() -> None:
-    from prefect.testing.utilities import prefect_test_harness
-
-    from blocks.ssh import SshIdentity
-    from blocks.vsphere import VsphereHypervisor
     from flows.provision import provision_vms
-    from lab.lab import Lab
-    from lab.prefect_stack import PrefectStack
-    from lab.ssh_keys import ensure_identity
     from tasks.spec import read_spec
     from tasks.vms import open_hypervisor
+    from tests.labkit import lab_with_prefect
 
-    with exclusive_lab(), tempfile.TemporaryDirectory(prefix="bench-provision-") as tmp:
-        state = Path(tmp) / "state"
+    with tempfile.TemporaryDirectory(prefix="bench-provision-") as tmp:
         specs = {}
         for concurrency in (1, 8):
             data = yaml.safe_load(LAB_SPEC.read_text())
@@ -71,42 +62,27 @@ def main() -> None:
             path = Path(tmp) / f"spec-{concurrency}.yaml"
             path.write_text(yaml.safe_dump(data))
             specs[concurrency] = str(path)
-        os.environ["PLATFORM_LAB_VCSIM_PORT"] = "18995"
-        lab = Lab(specs[8], read_spec(specs[8]), state_dir=state,
-                  prefect=PrefectStack(state_dir=state, port=4315))
-        try:
-            lab.vcsim.up(lab.spec, ("-method-delay", "CloneVM_Task:500"))
-            lab.up(with_prefect=False)
-            access = lab.vcsim.access()
-            assert access is not None
-            with prefect_test_harness(server_startup_timeout=60):
-                VsphereHypervisor(address=access.address, user=access.user,
-                                  password=SecretStr(access.password),
-                                  ca_bundle=access.ca_file.read_text()).save("lab-vcenter")
-                SshIdentity(user="platform", private_key=SecretStr(
-                    ensure_identity(state / "ssh").read_text())).save("lab-ssh")
-                walls = {}
-                for concurrency in (1, 8):
-                    started = time.monotonic()
-                    result = provision_vms(spec_path=specs[concurrency])
-                    walls[concurrency] = time.monotonic() - started
-                    vms = result.created
-                    print(f"BENCH provision-vsphere-stages concurrency={concurrency} "
-                          + _stage_means(), flush=True)
-                    session = open_hypervisor(read_spec(specs[concurrency]))
-                    try:
-                        for vm in session.list_vms():
-                            session.delete_vm(vm.name)
-                    finally:
-                        session.close()
-                    deadline = time.monotonic() + 30
-                    while lab.hosts.names() and time.monotonic() < deadline:
-                        time.sleep(0.2)
-            serial, wall = walls[1], walls[8]
-            bound = math.ceil(vms / 8) * serial / vms
-            print(f"BENCH provision-vsphere vms={vms} serial_wall_s={serial:.2f} "
-                  f"wall_s={wall:.2f} bound_s={bound:.2f} ratio={wall / bound:.2f} "
-                  f"speedup={serial / wall:.2f}", flush=True)
-        finally:
-            lab.down()
-            os.environ.pop("PLATFORM_LAB_VCSIM_PORT", None)
+        with lab_with_prefect(specs[8], vcsim_port=18995,
+                              vcsim_args=("-method-delay", "CloneVM_Task:500")) as lab:
+            walls = {}
+            for concurrency in (1, 8):
+                started = time.monotonic()
+                result = provision_vms(spec_path=specs[concurrency])
+                walls[concurrency] = time.monotonic() - started
+                vms = result.created
+                print(f"BENCH provision-vsphere-stages concurrency={concurrency} "
+                      + _stage_means(), flush=True)
+                session = open_hypervisor(read_spec(specs[concurrency]))
+                try:
+                    for vm in session.list_vms():
+                        session.delete_vm(vm.name)
+                finally:
+                    session.close()
+                deadline = time.monotonic() + 30
+                while lab.hosts.names() and time.monotonic() < deadline:
+                    time.sleep(0.2)
+        serial, wall = walls[1], walls[8]
+        bound = math.ceil(vms / 8) * serial / vms
+        print(f"BENCH provision-vsphere vms={vms} serial_wall_s={serial:.2f} "
+              f"wall_s={wall:.2f} bound_s={bound:.2f} ratio={wall / bound:.2f} "
+              f"speedup={serial / wall:.2f}", flush=True)

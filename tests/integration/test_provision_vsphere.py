@@ -16,22 +16,19 @@ import yaml
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
-from prefect.testing.utilities import prefect_test_harness
 from pydantic import SecretStr
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
 from blocks.hypervisor import OWNER_KEY
-from blocks.ssh import SshIdentity
 from blocks.vsphere import VsphereHypervisor
 from flows.provision import provision_vms
 from lab.lab import Lab
-from lab.prefect_stack import PrefectStack
-from lab.ssh_keys import ensure_identity
 from lab.vcsim import all_of, connect
 from sizing.inventory import build_inventory
 from tasks.spec import read_spec
-from tests.conftest import LAB_SPEC, exclusive_lab
+from tests.conftest import LAB_SPEC
+from tests.labkit import lab_with_prefect
 
 pytestmark = [pytest.mark.lab, pytest.mark.prefect,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -77,27 +74,11 @@ class DroppingProxy:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    state = tmp_path_factory.mktemp("lab-provision") / "state"
-    os.environ["PLATFORM_LAB_VCSIM_PORT"] = "18996"
-    lab = Lab(str(LAB_SPEC), read_spec(LAB_SPEC), state_dir=state,
-              prefect=PrefectStack(state_dir=state, port=4316))
-    with exclusive_lab():
-        try:
-            lab.up(with_prefect=False)
-            with prefect_test_harness(server_startup_timeout=60):
-                access = lab.vcsim.access()
-                assert access is not None
-                VsphereHypervisor(address=access.address, user=access.user,
-                                  password=SecretStr(access.password),
-                                  ca_bundle=access.ca_file.read_text()).save("lab-vcenter")
-                key = ensure_identity(state / "ssh")
-                SshIdentity(user="platform",
-                            private_key=SecretStr(key.read_text())).save("lab-ssh")
-                yield lab
-        finally:
-            lab.down()
-            os.environ.pop("PLATFORM_LAB_VCSIM_PORT", None)
+def lab() -> Iterator[Lab]:
+    # Clones take time, as on a real vCenter: the flow must wait on its tasks.
+    with lab_with_prefect(LAB_SPEC, vcsim_port=18996,
+                          vcsim_args=("-method-delay", "CloneVM_Task:200")) as lab:
+        yield lab
 
 
 def _spec_variant(tmp_path: Path, **changes: Any) -> str:

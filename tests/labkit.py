@@ -1,0 +1,59 @@
+"""A lab for integration tests and benchmarks: the simulated datacenter plus a Prefect test
+server holding the lab's blocks, torn down completely at the end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect.testing.utilities import prefect_test_harness
+from pydantic import SecretStr
+
+from blocks.ssh import SshIdentity
+from blocks.vsphere import VsphereHypervisor
+from lab.lab import Lab
+from lab.prefect_stack import PrefectStack
+from lab.ssh_keys import ensure_identity
+from tasks.spec import read_spec
+from tests.conftest import exclusive_lab
+
+
+@contextmanager
+def lab_with_prefect(spec_path: str | Path, vcsim_port: int,
+                     vcsim_args: tuple[str, ...] = ()) -> Iterator[Lab]:
+    """The lab for ``spec_path`` (vSphere), its blocks saved as the spec names them, in a
+    Prefect test harness; each caller picks its own vcsim port."""
+    spec = read_spec(spec_path)
+    root = Path(tempfile.mkdtemp(prefix="lab-"))
+    state = root / "state"
+    previous = os.environ.get("PLATFORM_LAB_VCSIM_PORT")
+    os.environ["PLATFORM_LAB_VCSIM_PORT"] = str(vcsim_port)
+    lab = Lab(str(spec_path), spec, state_dir=state,
+              prefect=PrefectStack(state_dir=state, port=vcsim_port - 14000))
+    with exclusive_lab():
+        try:
+            if vcsim_args:
+                lab.vcsim.up(spec, vcsim_args)
+            lab.up(with_prefect=False)
+            with prefect_test_harness(server_startup_timeout=60):
+                access = lab.vcsim.access()
+                assert access is not None
+                VsphereHypervisor(address=access.address, user=access.user,
+                                  password=SecretStr(access.password),
+                                  ca_bundle=access.ca_file.read_text()).save(
+                    spec.hypervisor.block, overwrite=True)
+                key = ensure_identity(state / "ssh")
+                SshIdentity(user=spec.ssh.user, private_key=SecretStr(key.read_text())).save(
+                    spec.ssh.identity_block, overwrite=True)
+                yield lab
+        finally:
+            lab.down()
+            if previous is None:
+                os.environ.pop("PLATFORM_LAB_VCSIM_PORT", None)
+            else:
+                os.environ["PLATFORM_LAB_VCSIM_PORT"] = previous
+            shutil.rmtree(root, ignore_errors=True)
