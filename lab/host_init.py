@@ -10,16 +10,46 @@ which the host sees like any other directory of the base.
 Boot, in order (each step is named in the error sent back to hosts.py):
 1. mount an overlay of the whole base root (lower = /, upper/work = the host's disk);
 2. mount fresh proc, sysfs, a small /dev, tmpfs /run, /tmp, /dev/shm; hide the lab's
-   state dir; bind the systemctl replacement read-only over /usr/bin/systemctl;
-   pivot_root into the overlay;
-3. bring up lo and eth0 (address, default route), announcing the address (arp_notify);
+   state dir; bind the systemctl replacement read-only over /usr/bin/systemctl; put the
+   kernel stand-ins in place (below); pivot_root into the overlay; drop CAP_SYS_MODULE
+   and CAP_SYS_TIME from the bounding set of everything the host will run;
+3. like systemd-modules-load then systemd-sysctl: mark the modules of the host's
+   modules-load.d loaded, apply the host's sysctl.d (to its own copies of the keys);
 4. set the hostname; populate /run; once per disk, disable the services the base
    machine has enabled; once per instance id, play cloud-init (machine-id, hosts,
-   resolv.conf, users, sudoers, SSH host keys, write_files); install the lab's
-   ssh.service;
-5. start `sshd -D -e`, report ready once it listens, start the units enabled in this
+   resolv.conf, /etc/netplan/50-cloud-init.yaml, users, sudoers, SSH host keys,
+   write_files); install the lab's ssh.service;
+5. bring up lo and eth0, announcing the address (arp_notify): from the VM's configuration,
+   or, once the guest has changed its netplan files, the way `netplan apply` does;
+6. start `sshd -D -e`, report ready once it listens, start the units enabled in this
    host; then reap zombies, forward SIGHUP to sshd (so `kill -HUP 1` reloads it),
    restart it if it dies, and on SIGTERM stop every process of the host and exit.
+
+Kernel stand-ins. The host shares the machine's kernel; whatever is global in it is
+replaced inside the host by a labelled stand-in, so that nothing a host does changes the
+machine (each file documents its own behaviour and its differences from a VM):
+- /proc/sys is lab/guest/procsys.py, a FUSE file system served by a thread of this PID 1:
+  namespaced keys (most of net.*, kernel.hostname, the IPC keys...) are the kernel's,
+  every writable global key (kernel.*, vm.*, fs.*, dev.*, user.*...) is a per-host copy
+  made at boot and validated like the kernel does; net keys that only the initial
+  network namespace has (hosts.py passes their values) and, on kernels without it,
+  net.bridge.* are per-host too; so are the keys a Debian kernel has and the machine's
+  may lack (kernel.yama.ptrace_scope, kernel.sysrq...);
+- /usr/sbin/modprobe, lsmod and systemd-modules-load are lab/guest/kmod.py: modules
+  "load" into the host's /run/lab-host/modules (also the host's /proc/modules where the
+  kernel has one);
+- /usr/sbin/swapon and swapoff are lab/guest/swap.py, and /proc/swaps is the host's own
+  (empty): a lab host has no swap and cannot touch the machine's;
+- /usr/sbin/chronyd is lab/guest/chronyd.py: the real chronyd, always with -x (never
+  steers the clock);
+- netplan's script is lab/guest/netplan.py: the real netplan, except that `apply`
+  configures the host's NIC itself.
+The real commands stay reachable for the stand-ins under /run/lab-host/real/. A command
+that is a symlink to a multi-call binary (modprobe -> kmod) is replaced in the host's
+disk by the mount point; one that is missing (kmod not installed) is created: the
+stand-ins exist in every host. Packages whose files are covered (kmod, chrony,
+netplan.io, util-linux's swapon/swapoff, systemd's systemctl) cannot be upgraded inside
+a host: dpkg cannot replace a mount point.
 """
 
 from __future__ import annotations
@@ -28,6 +58,7 @@ import contextlib
 import ctypes
 import glob
 import grp
+import importlib.util
 import json
 import os
 import pwd
@@ -39,6 +70,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NoReturn
 
 MS_RDONLY = 0x1
@@ -57,6 +89,28 @@ WANTS_DIR = "/etc/systemd/system/multi-user.target.wants"
 SSH_UNITS = ("ssh.service", "sshd.service")
 SUDOERS_FILE = "/etc/sudoers.d/90-cloud-init-users"
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+GUEST_DIR = Path(__file__).resolve().with_name("guest")
+LAB_RUN = "/run/lab-host"  # the stand-ins' state inside the host
+NIC_FILE = f"{LAB_RUN}/nic"
+CLOUD_NETPLAN = "/etc/netplan/50-cloud-init.yaml"
+CLOUD_NETPLAN_DIGEST = "/var/lib/lab-host/netplan-from-cloud-init"
+SWAPS_HEADER = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+# (command, stand-in in lab/guest, whether the stand-in needs the real command,
+#  whether to create the command when the base lacks it)
+STAND_INS = (
+    ("/usr/sbin/modprobe", "kmod.py", False, True),
+    ("/usr/bin/lsmod", "kmod.py", False, True),
+    ("/usr/sbin/lsmod", "kmod.py", False, False),
+    ("/usr/lib/systemd/systemd-modules-load", "kmod.py", False, False),
+    ("/usr/sbin/swapon", "swap.py", True, False),
+    ("/usr/sbin/swapoff", "swap.py", True, False),
+    ("/usr/sbin/chronyd", "chronyd.py", True, False),
+    ("/usr/sbin/netplan", "netplan.py", False, False),
+)
+MULTI_CALL = ("kmod", "busybox")
+PR_CAPBSET_DROP = 24
+CAP_SYS_MODULE = 16
+CAP_SYS_TIME = 25
 
 SSH_UNIT = """\
 # Installed by the lab (lab/host_init.py). In a lab host sshd is supervised by PID 1:
@@ -78,6 +132,20 @@ Alias=sshd.service
 """
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_procsys_server: Any = None  # the FUSE server of /proc/sys: lives as long as PID 1
+
+
+def guest_module(name: str) -> ModuleType:
+    """A stand-in of lab/guest as a module (PID 1 runs with -I: no sys.path to rely on)."""
+    qualified = f"lab_guest_{name}"
+    if qualified in sys.modules:
+        return sys.modules[qualified]
+    spec = importlib.util.spec_from_file_location(qualified, GUEST_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[qualified] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class BootError(Exception):
@@ -176,6 +244,8 @@ def build_root(params: dict[str, Any]) -> None:
     if params.get("systemctl"):
         with step("bind systemctl"):
             bind_file(params["systemctl"], f"{root}/usr/bin/systemctl", read_only=True)
+    with step("kernel stand-ins"):
+        install_stand_ins(params, root)
     with step("pivot_root"):
         number = SYS_PIVOT_ROOT.get(os.uname().machine)
         if number is None:
@@ -190,11 +260,122 @@ def build_root(params: dict[str, Any]) -> None:
         os.chdir("/")
 
 
+def resolve_in_root(root: str, path: str, depth: int = 0) -> str:
+    """`path` with every symlink resolved inside `root` (absolute targets included)."""
+    if depth > 20:
+        raise OSError(f"too many levels of symbolic links: {path}")
+    parts = [part for part in path.split("/") if part]
+    current = ""
+    for index, part in enumerate(parts):
+        candidate = f"{current}/{part}"
+        if os.path.islink(root + candidate):
+            target = os.readlink(root + candidate)
+            base = target if target.startswith("/") else os.path.normpath(f"{current}/{target}")
+            rest = "/".join(parts[index + 1:])
+            return resolve_in_root(root, base + (f"/{rest}" if rest else ""), depth + 1)
+        current = candidate
+    return current or "/"
+
+
+def install_stand_ins(params: dict[str, Any], root: str) -> None:
+    """Cover what is global in the shared kernel with the host's own (module docstring)."""
+    global _procsys_server
+    os.makedirs(f"{root}{LAB_RUN}/real", mode=0o755)
+    procsys = guest_module("procsys")
+    for later in ("kmod", "netplan"):  # loaded while their files are surely in sight
+        guest_module(later)
+    real_sys = os.open(f"{root}/proc/sys", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    init_net = {path: (int(mode), str(value))
+                for path, (mode, value) in params.get("init_net_sysctls", {}).items()}
+    _procsys_server = procsys.mount(f"{root}/proc/sys", real_sys, init_net, mount, log)
+    # The machine's swap and modules are not the host's.
+    Path(f"{root}{LAB_RUN}/swaps").write_text(SWAPS_HEADER)
+    if os.path.exists(f"{root}/proc/swaps"):
+        bind_file(f"{root}{LAB_RUN}/swaps", f"{root}/proc/swaps", read_only=False)
+    modules = f"{root}{LAB_RUN}/modules"
+    machine_modules = ""
+    if os.path.exists(f"{root}/proc/modules"):
+        machine_modules = Path(f"{root}/proc/modules").read_text()
+    Path(modules).write_text(machine_modules)
+    if os.path.exists(f"{root}/proc/modules"):
+        bind_file(modules, f"{root}/proc/modules", read_only=False)
+    params["_machine_modules"] = machine_modules
+    for command, stand_in, needs_real, create in STAND_INS:
+        if not os.access(GUEST_DIR / stand_in, os.X_OK):
+            raise OSError(f"{GUEST_DIR / stand_in} is not executable (chmod 755)")
+        target = f"{root}{command}"
+        if not os.path.lexists(target):
+            if not create:
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            Path(target).touch(mode=0o755)
+        resolved = resolve_in_root(root, command)
+        if not os.path.exists(root + resolved):
+            continue  # a dangling link: nothing to stand in for
+        if needs_real:
+            bind_file(root + resolved, f"{root}{LAB_RUN}/real/{os.path.basename(command)}",
+                      read_only=True)
+        if os.path.basename(resolved) in MULTI_CALL:
+            # Covering kmod itself would take modinfo, insmod... along: replace the link.
+            os.unlink(target)
+            Path(target).touch(mode=0o755)
+            resolved = command
+        bind_file(str(GUEST_DIR / stand_in), root + resolved, read_only=True)
+
+
+def drop_capabilities() -> None:
+    """Nothing the host runs may load kernel modules or set the clock, root or not."""
+    with step("drop capabilities"):
+        for capability in (CAP_SYS_MODULE, CAP_SYS_TIME):
+            if _libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"drop capability {capability}: {os.strerror(err)}")
+
+
+def load_modules(params: dict[str, Any]) -> None:
+    """systemd-modules-load's part: the host's modules-load.d modules count as loaded."""
+    with step("modules-load"):
+        failed = guest_module("kmod").boot(params.get("_machine_modules"))
+        for name in failed:
+            log(f"modules-load: failed to find module '{name}'")
+
+
+def apply_sysctls() -> None:
+    """systemd-sysctl's part: the host's sysctl.d, into its own copies of the keys."""
+    with step("sysctl"):
+        for binary in ("/usr/lib/systemd/systemd-sysctl", "/lib/systemd/systemd-sysctl"):
+            if os.access(binary, os.X_OK):
+                argv = [binary]
+                break
+        else:
+            argv = ["sysctl", "--system", "--quiet"]
+        proc = subprocess.run(argv, capture_output=True, text=True, env={"PATH": PATH})
+        if proc.returncode != 0:  # as on a VM: logged, boot goes on
+            log(f"{argv[0]} exited {proc.returncode}: {proc.stderr.strip()}")
+
+
+def netplan_changed() -> bool:
+    """Whether the guest changed its netplan files since cloud-init wrote them."""
+    try:
+        recorded = Path(CLOUD_NETPLAN_DIGEST).read_text().strip()
+    except FileNotFoundError:
+        return False
+    return bool(recorded) and recorded != guest_module("netplan").config_digest()
+
+
 def configure_network(params: dict[str, Any]) -> None:
     """What netplan does on a VM: lo and eth0 up, the static address, the default route."""
     with step("network"):
+        write_text(NIC_FILE, f"eth0 {params['mac']}\n", 0o644)
         # Announce the address on link-up so neighbours drop a stale MAC for this IP.
         Path("/proc/sys/net/ipv4/conf/all/arp_notify").write_text("1\n")
+        if netplan_changed():
+            run("network", ["ip", "-batch", "-"], input="link set lo up\nlink set eth0 up\n")
+            proc = subprocess.run(["/usr/sbin/netplan", "apply"], capture_output=True,
+                                  text=True, env={"PATH": PATH, "LANG": "C.UTF-8"})
+            if proc.returncode != 0:  # a VM with a broken netplan boots unreachable
+                log(f"netplan apply exited {proc.returncode}: {proc.stderr.strip()}")
+            return
         batch = "\n".join([
             "link set lo up",
             f"addr add {params['address']} dev eth0",
@@ -279,6 +460,9 @@ def cloud_init(params: dict[str, Any]) -> None:
         write_text("/etc/hosts", hosts_file(params), 0o644)
     with step("cloud-init /etc/resolv.conf"):
         write_text("/etc/resolv.conf", resolv_conf(params), 0o644)
+    with step("cloud-init netplan"):
+        write_text(CLOUD_NETPLAN, netplan_yaml(params), 0o600)
+        write_text(CLOUD_NETPLAN_DIGEST, guest_module("netplan").config_digest() + "\n", 0o644)
     for user in params["users"]:
         with step(f"cloud-init user {user['name']}"):
             create_user(user)
@@ -322,6 +506,40 @@ def resolv_conf(params: dict[str, Any]) -> str:
     if domain:
         lines.append(f"search {domain}")
     lines += [f"nameserver {server}" for server in params["dns"]]
+    return "\n".join(lines) + "\n"
+
+
+def netplan_yaml(params: dict[str, Any]) -> str:
+    """/etc/netplan/50-cloud-init.yaml as cloud-init renders a static v2 configuration."""
+    domain = params["fqdn"].partition(".")[2]
+    lines = [
+        "# This file is generated from information provided by the datasource.  Changes",
+        "# to it will not persist across an instance reboot.  To disable cloud-init's",
+        "# network configuration capabilities, write a file",
+        "# /etc/cloud/cloud.cfg.d/99-disable-network-config.cfg with the following:",
+        "# network: {config: disabled}",
+        "network:",
+        "    ethernets:",
+        "        eth0:",
+        "            addresses:",
+        f"            - {params['address']}",
+        "            match:",
+        f"                macaddress: {params['mac']}",
+    ]
+    if params["dns"] or domain:
+        lines.append("            nameservers:")
+        if params["dns"]:
+            lines += ["                addresses:"] + \
+                [f"                - {server}" for server in params["dns"]]
+        if domain:
+            lines += ["                search:", f"                - {domain}"]
+    lines += [
+        "            routes:",
+        "            -   to: default",
+        f"                via: {params['gateway']}",
+        "            set-name: eth0",
+        "    version: 2",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -528,11 +746,14 @@ def main(argv: list[str]) -> int:
     try:
         log(f"booting {params['name']}")
         build_root(params)
-        configure_network(params)
+        drop_capabilities()
+        load_modules(params)
+        apply_sysctls()
         set_hostname(params)
         prepare_run()
         prepare_disk()
         cloud_init(params)
+        configure_network(params)
         install_ssh_unit()
         supervisor.boot_sshd()
         mark_ssh_active()

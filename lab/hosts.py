@@ -13,8 +13,15 @@ console.log), so another process with the same state_dir can stop or delete host
 this one booted: hosts are not children to be waited for, they outlive the caller. The
 state dir itself is hidden inside every host (it holds the hosts' private keys).
 
+The kernel is the machine's. What is global in it (kernel.*, vm.*, fs.* sysctls, loaded
+modules, swap, the clock) must not change when a host changes it, so PID 1 puts labelled
+stand-ins in place inside every host (host_init.py's docstring lists them; the code is in
+lab/guest/): a per-host /proc/sys served over FUSE (hence /dev/fuse is required),
+modprobe/lsmod, swapon/swapoff, chronyd always with -x, and `netplan apply` acting on the
+host's own NIC. The host's processes have no CAP_SYS_MODULE nor CAP_SYS_TIME.
+
 boot() returns once the host's sshd listens (about 0.1 s; twenty in parallel in about
-1 s on two cores); stop() is a guest shutdown: SIGTERM to every process, SIGKILL after
+1.2 s on two cores); stop() is a guest shutdown: SIGTERM to every process, SIGKILL after
 `stop_grace`. Everything here needs root.
 """
 
@@ -39,6 +46,7 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
 
+from lab.guest.procsys import init_net_snapshot
 from lab.systemctl import ensure_systemctl
 
 INIT_SCRIPT = Path(__file__).resolve().with_name("host_init.py")
@@ -48,6 +56,7 @@ GUEST_ENV = {"PATH": PATH, "LANG": "C.UTF-8", "HOME": "/root", "USER": "root",
              "LOGNAME": "root"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 REQUIRED_TOOLS = ("ip", "setsid", "unshare", "nsenter", "sshd")
+FUSE_DEVICE = Path("/dev/fuse")  # each host's /proc/sys stand-in is a FUSE file system
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,7 @@ class LabHosts:
         self._locks_guard = threading.Lock()
         self._launchers: dict[str, subprocess.Popen[bytes]] = {}
         self._systemctl: Path | None = None
+        self._init_net: dict[str, tuple[int, str]] | None = None
 
     # -- naming -----------------------------------------------------------------------
 
@@ -214,7 +224,8 @@ class LabHosts:
         """Run a command as root inside the running host (for tests and debugging).
 
         Like subprocess.run without check: the caller looks at returncode. On timeout the
-        command's process group is killed and LabHostError raised.
+        command's process group is killed and LabHostError raised. Unlike the host's own
+        processes, the command keeps every capability of the caller.
         """
         init = self._running(name)
         if init is None:
@@ -255,6 +266,9 @@ class LabHosts:
         if missing or not os.access(GUEST_PYTHON, os.X_OK):
             raise LabHostError(config.name, "prerequisites",
                                f"missing {', '.join(missing) or GUEST_PYTHON}")
+        if not FUSE_DEVICE.is_char_device():
+            raise LabHostError(config.name, "prerequisites",
+                               f"{FUSE_DEVICE} is missing: a host's /proc/sys needs FUSE")
         bridge = Path("/sys/class/net") / config.bridge
         if not (bridge / "bridge").is_dir():
             raise LabHostError(config.name, "prerequisites",
@@ -348,8 +362,17 @@ class LabHosts:
             "upper": str(hdir / "upper"), "work": str(hdir / "work"),
             "root": str(hdir / "root"), "systemctl": str(self._systemctl),
             "status_fd": status_fd, "stop_grace": self.stop_grace,
-            "hide": [str(self.state_dir)],
+            "hide": [str(self.state_dir)], "mac": self._mac(config),
+            "init_net_sysctls": self._init_net_sysctls(),
         }
+
+    def _init_net_sysctls(self) -> dict[str, tuple[int, str]]:
+        """The machine's net.* keys (this process sits in the initial network namespace):
+        those a host's namespace lacks become per-host copies (lab/guest/procsys.py)."""
+        with self._locks_guard:
+            if self._init_net is None:
+                self._init_net = init_net_snapshot()
+            return self._init_net
 
     def _abort(self, name: str) -> None:
         """Undo a failed boot: SIGKILL to `unshare` takes PID 1 along (--kill-child)."""

@@ -3,7 +3,8 @@
 Needs root. A module fixture puts an `unreachable` route over the test range first (so
 nothing toward a lab address that is not up leaves through the default route), then a
 test bridge, and at the end proves that nothing it started is left: no network
-namespace, no process, no mount, no veth.
+namespace, no process, no mount, no veth; and that nothing the hosts did changed the
+machine's shared kernel: its global sysctls, swap and modules are as they were.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from fabric import Config, Connection
 
+from lab.guest.procsys import Tree, parse_integers
 from lab.hosts import GuestFile, GuestUser, HostConfig, LabHostError, LabHosts
 
 pytestmark = [
@@ -132,6 +134,52 @@ def _bridge_ports() -> list[str]:
     return sorted(p.name for p in Path(f"/sys/class/net/{BRIDGE}/brif").iterdir())
 
 
+# Writable keys that change by themselves (the kernel lowers the perf sample rate, pids).
+VOLATILE_SYSCTLS = {"kernel/perf_event_max_sample_rate", "kernel/tainted", "kernel/ns_last_pid"}
+
+
+def _machine_state() -> dict[str, object]:
+    """What is global in the shared kernel, read from the root namespaces: the writable
+    sysctls outside net/, the active swap areas, the loaded modules."""
+    sysctls: dict[str, str] = {}
+    for top in ("kernel", "vm", "fs", "dev", "user", "abi", "debug"):
+        for dirpath, dirnames, filenames in os.walk(f"/proc/sys/{top}"):
+            if dirpath == "/proc/sys/fs/binfmt_misc":
+                dirnames[:] = []
+                continue
+            for name in filenames:
+                path = Path(dirpath, name)
+                key = str(path.relative_to("/proc/sys"))
+                try:
+                    mode = path.stat().st_mode
+                    if key not in VOLATILE_SYSCTLS and mode & 0o600 == 0o600:
+                        sysctls[key] = path.read_text()
+                except OSError:
+                    continue
+    modules = Path("/proc/modules")
+    return {
+        "sysctls": sysctls,
+        "swap areas": [line.split()[0] for line in
+                       Path("/proc/swaps").read_text().splitlines()[1:]],
+        "/proc/modules": sorted(line.split()[0] for line in
+                                modules.read_text().splitlines()) if modules.exists() else None,
+        "/sys/module": sorted(os.listdir("/sys/module")),
+    }
+
+
+def _changes(before: dict[str, object], after: dict[str, object]) -> list[str]:
+    """What differs between two _machine_state() snapshots, named."""
+    changed = []
+    for what, old in before.items():
+        new = after[what]
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += [f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+                        for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+        elif old != new:
+            changed.append(f"{what}: {old!r} -> {new!r}")
+    return changed
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """Guard route, test bridge and lab hosts; all of it gone afterwards, checked."""
@@ -143,6 +191,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     user_key = work / "id_ed25519"
     user_key.write_text(private)
     user_key.chmod(0o600)
+    machine_before = _machine_state()
     _ip("route", "add", "unreachable", GUARD_ROUTE)
     hosts = LabHosts(state_dir, stop_grace=2)
     namespace_prefix = hosts.netns("x")[:-1]
@@ -161,13 +210,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                 "bridge ports": _bridge_ports() if Path(f"/sys/class/net/{BRIDGE}").exists()
                 else [],
                 "disks": hosts.names(),
+                "machine changes": _changes(machine_before, _machine_state()),
             }
         finally:
             if Path(f"/sys/class/net/{BRIDGE}").exists():
                 _ip("link", "del", BRIDGE)
             _ip("route", "del", "unreachable", GUARD_ROUTE)
     assert leftovers == {"netns": [], "processes": [], "mounts": [], "bridge ports": [],
-                         "disks": []}
+                         "disks": [], "machine changes": []}
 
 
 def _wait_for_ssh(lab: Lab, config: HostConfig, started: float, within: float) -> float:
@@ -282,6 +332,14 @@ def test_changes_inside_stay_inside(lab: Lab) -> None:
                               "grep Status; pgrep -x sleep; pgrep -x haproxy")
     assert "plabtuser:" in inside and "install ok installed" in inside
     assert inside.count("inside") == 2
+
+    # What is global in the kernel stays the machine's (more in section 5).
+    real = _machine_state()
+    lab.sudo(config, "sysctl -w kernel.dmesg_restrict=1 vm.overcommit_memory=1 && "
+                     "modprobe br_netfilter && swapoff -a && echo 1 > /proc/sys/vm/drop_caches")
+    assert lab.sudo(config, "sysctl -n kernel.dmesg_restrict vm.overcommit_memory; "
+                            "lsmod | grep -cw ^br_netfilter").split() == ["1", "1", "1"]
+    assert _changes(real, _machine_state()) == []
 
     # The machine itself is untouched.
     with pytest.raises(KeyError):
@@ -402,3 +460,250 @@ def test_twenty_hosts_boot_in_parallel(lab: Lab, capsys: pytest.CaptureFixture[s
         print(f"\n20 hosts booted in parallel in {parallel:.2f} s")
     assert {c.name for c in configs} <= set(lab.hosts.stop_all())
     assert not any(lab.hosts.is_running(c.name) for c in configs)
+
+
+# 5 ---------------------------------------------------------------------------------
+# The kernel is the machine's: what is global in it is per host inside (lab/guest/).
+
+
+def _real_sysctl(key: str) -> str:
+    """A sysctl as the machine has it (this process sits in the root namespaces)."""
+    return Path("/proc/sys", key.replace(".", "/")).read_text().strip()
+
+
+def _other(current: str, choices: tuple[str, str]) -> str:
+    """A value different from the current one."""
+    return choices[1] if current == choices[0] else choices[0]
+
+
+def test_global_sysctls_are_per_host_and_refused_like_the_kernel(lab: Lab) -> None:
+    config = lab.config("plabt-sysctl", 17)
+    assert lab.hosts.boot(config)
+    keys = ("kernel.kptr_restrict", "fs.protected_symlinks", "vm.swappiness")
+    real = {key: _real_sysctl(key) for key in keys}
+    wanted = {"kernel.kptr_restrict": _other(real["kernel.kptr_restrict"], ("2", "1")),
+              "fs.protected_symlinks": _other(real["fs.protected_symlinks"], ("0", "1")),
+              "vm.swappiness": _other(real["vm.swappiness"], ("13", "14"))}
+    out = lab.sudo(config, "sysctl -w " + " ".join(f"{k}={v}" for k, v in wanted.items()))
+    assert out.splitlines() == [f"{key} = {value}" for key, value in wanted.items()]
+    assert lab.sudo(config, "sysctl -n " + " ".join(keys)).split() == list(wanted.values())
+    assert lab.ssh(config, "cat /proc/sys/vm/swappiness").stdout.decode().strip() \
+        == wanted["vm.swappiness"]
+    assert {key: _real_sysctl(key) for key in keys} == real
+
+    # What the kernel refuses is refused, with its error, and the value stays.
+    for bad in ("kernel.kptr_restrict=abc", "kernel.kptr_restrict=3", "vm.swappiness=201",
+                "fs.protected_symlinks=1x"):
+        proc = lab.ssh(config, f"sudo -n sysctl -w {bad}")
+        key = bad.split("=")[0]
+        assert proc.returncode != 0, bad
+        assert f'sysctl: setting key "{key}": Invalid argument' in proc.stderr.decode()
+    assert lab.sudo(config, "sysctl -n kernel.kptr_restrict").strip() \
+        == wanted["kernel.kptr_restrict"]
+    denied = lab.ssh(config, "echo 0 > /proc/sys/kernel/kptr_restrict")
+    assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+
+    # sysctl --system and -p: global keys, keys only the initial network namespace has,
+    # a key of Debian's kernel, and a namespaced net key (the host's own, for real).
+    settings = {"kernel.dmesg_restrict": "1", "vm.max_map_count": "262144",
+                "fs.suid_dumpable": "0", "net.core.bpf_jit_harden": "2",
+                "kernel.yama.ptrace_scope": "1", "net.ipv4.ip_forward": "1"}
+    machine = {key: _real_sysctl(key) for key in settings
+               if Path("/proc/sys", key.replace(".", "/")).exists()}
+    lab.sudo(config, "cat > /etc/sysctl.d/90-plabt.conf", input="".join(
+        f"{key} = {value}\n" for key, value in settings.items()).encode())
+    assert "* Applying /etc/sysctl.d/90-plabt.conf ..." in lab.sudo(config, "sysctl --system")
+    assert lab.sudo(config, "sysctl -n " + " ".join(settings)).split() \
+        == list(settings.values())
+    lab.sudo(config, "sysctl -q -p /etc/sysctl.d/90-plabt.conf")
+    assert {key: _real_sysctl(key) for key in machine} == machine
+    lab.hosts.delete(config.name)
+
+
+def test_modprobe_loads_into_the_host_only(lab: Lab) -> None:
+    config = lab.config("plabt-kmod", 18)
+    assert lab.hosts.boot(config)
+    lab.sudo(config, "modprobe br_netfilter && modprobe overlay")
+    assert lab.ssh(config, "lsmod | grep -qw ^br_netfilter").returncode == 0  # as a user
+    listed = [line.split()[0] for line in lab.sudo(config, "lsmod").splitlines()[1:]]
+    assert {"br_netfilter", "overlay"} <= set(listed)
+    assert lab.sudo(config, "modprobe -r overlay; lsmod | grep -cw ^overlay || true").strip() \
+        == "0"
+
+    unknown = lab.ssh(config, "sudo -n modprobe plabt_no_such_module")
+    assert unknown.returncode == 1
+    assert unknown.stderr.decode() == ("modprobe: FATAL: Module plabt_no_such_module not "
+                                       f"found in directory /lib/modules/{os.uname().release}\n")
+    # Nothing in a host can load a module for real, nor set the clock.
+    bounding = int(lab.sudo(config, "grep CapBnd /proc/self/status").split()[1], 16)
+    assert not bounding & (1 << 16) and not bounding & (1 << 25)  # CAP_SYS_MODULE, _TIME
+    if Path("/proc/modules").exists():  # and the fixture compares /sys/module
+        assert "br_netfilter " not in Path("/proc/modules").read_text()
+    lab.hosts.delete(config.name)
+
+
+def test_sysctl_d_and_modules_load_d_apply_at_each_boot(lab: Lab) -> None:
+    config = lab.config("plabt-bootcfg", 19)
+    assert lab.hosts.boot(config)
+    persisted = _other(_real_sysctl("kernel.kptr_restrict"), ("1", "2"))
+    transient = _other(_real_sysctl("vm.swappiness"), ("21", "22"))
+    lab.sudo(config, f"echo 'kernel.kptr_restrict = {persisted}' > /etc/sysctl.d/90-plabt.conf"
+                     " && echo br_netfilter > /etc/modules-load.d/plabt.conf"
+                     f" && sysctl -q -w vm.swappiness={transient} && modprobe overlay")
+    assert lab.hosts.stop(config.name)
+    assert lab.hosts.boot(config)
+    after = lab.sudo(config, "sysctl -n kernel.kptr_restrict vm.swappiness; lsmod").split("\n")
+    assert after[:2] == [persisted, _real_sysctl("vm.swappiness")]
+    modules = [line.split()[0] for line in after[3:] if line]
+    assert "br_netfilter" in modules and "overlay" not in modules
+    assert _real_sysctl("kernel.kptr_restrict") != persisted
+    lab.hosts.delete(config.name)
+
+
+def test_chronyd_runs_with_its_unit_but_never_steers_the_clock(lab: Lab) -> None:
+    config = lab.config("plabt-chrony", 20)
+    assert lab.hosts.boot(config)
+    lab.sudo(config, "systemctl enable --now chrony")  # Debian's unit
+    deadline = time.monotonic() + 10
+    while not (running := lab.sudo(config, "pgrep -a chronyd || true").splitlines()):
+        assert time.monotonic() < deadline, "chronyd did not start"
+        time.sleep(0.2)
+    assert all(" -x " in f"{line} " for line in running), running
+    assert lab.sudo(config, "systemctl is-active chrony").strip() == "active"
+    assert "Leap status" in lab.sudo(config, "chronyc -n tracking")
+    refused = lab.ssh(config, "sudo -n date -s @0")
+    assert refused.returncode != 0 and b"Operation not permitted" in refused.stderr
+    assert time.time() > 1.7e9
+    lab.hosts.delete(config.name)
+
+
+def test_swapoff_and_swapon_leave_the_machines_swap_alone(lab: Lab) -> None:
+    config = lab.config("plabt-swap", 21)
+    assert lab.hosts.boot(config)
+    # A swap area the machine uses (the host sees /var/tmp through its overlay).
+    swapfile = Path(f"/var/tmp/plabt-swap-{os.getpid()}")
+    active = False
+    try:
+        with swapfile.open("wb") as handle:
+            handle.truncate(16 << 20)
+        swapfile.chmod(0o600)
+        subprocess.run(["mkswap", str(swapfile)], check=True, capture_output=True)
+        active = subprocess.run(["swapon", str(swapfile)], capture_output=True).returncode == 0
+        machine = _machine_state()["swap areas"]
+        assert isinstance(machine, list) and (str(swapfile) in machine) is active
+
+        # util-linux's swapoff -a also tries the swap entries of fstab: give it one.
+        lab.sudo(config, f"echo '{swapfile} none swap sw 0 0' >> /etc/fstab")
+        assert lab.sudo(config, "swapon --show") == ""
+        lab.sudo(config, "swapoff -a")
+        off = lab.ssh(config, f"sudo -n swapoff {swapfile}")
+        assert off.returncode == 4
+        assert off.stderr.decode() == f"swapoff: {swapfile}: swapoff failed: Invalid argument\n"
+        on = lab.ssh(config, "sudo -n swapon -a")
+        assert on.returncode == 255 and b"Operation not permitted" in on.stderr
+        assert lab.sudo(config, "swapon --show; tail -n +2 /proc/swaps") == ""
+        assert _machine_state()["swap areas"] == machine
+    finally:
+        if active:
+            subprocess.run(["swapoff", str(swapfile)], check=True)
+        swapfile.unlink(missing_ok=True)
+        lab.hosts.delete(config.name)
+
+
+def _wait_port(address: IPv4Address, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if _port_open(address, timeout=0.5):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_netplan_apply_moves_the_address_and_generate_validates(lab: Lab) -> None:
+    config = lab.config("plabt-netplan", 22)
+    moved = replace(config, address=IPv4Interface("10.231.254.23/24"))
+    assert lab.hosts.boot(config)
+    assert "- 10.231.254.22/24" in lab.sudo(config, "cat /etc/netplan/50-cloud-init.yaml")
+
+    # netplan's own validation, through apply too; nothing changes.
+    broken = "network:\n  version: 2\n  ethernets:\n    eth0:\n      addresses: [10.0.0.1]\n"
+    lab.sudo(config, "umask 077 && cat > /etc/netplan/70-broken.yaml", input=broken.encode())
+    generate = lab.ssh(config, "sudo -n netplan generate")
+    assert generate.returncode == 1
+    assert b"/etc/netplan/70-broken.yaml:5:18: Error in network definition: address " \
+           b"'10.0.0.1' is missing /prefixlength" in generate.stderr
+    assert lab.ssh(config, "sudo -n netplan apply").returncode == 78
+    lab.sudo(config, "rm /etc/netplan/70-broken.yaml")
+    dhcp = "network:\n  version: 2\n  ethernets:\n    eth0:\n      dhcp4: true\n"
+    lab.sudo(config, "mv /etc/netplan/50-cloud-init.yaml /root/ && umask 077 && "
+                     "cat > /etc/netplan/60-plabt.yaml", input=dhcp.encode())
+    refused = lab.ssh(config, "sudo -n netplan apply")
+    assert refused.returncode == 1 and b"no static address" in refused.stderr
+
+    # Another address in the same subnet, matched by name as netplan matches.
+    lab.sudo(config, "umask 077 && cat > /etc/netplan/60-plabt.yaml", input=(
+        "network:\n  version: 2\n  ethernets:\n    lan:\n      match: {name: 'eth*'}\n"
+        "      set-name: eth0\n      addresses: [10.231.254.23/24]\n"
+        f"      routes: [{{to: default, via: {GATEWAY.ip}}}]\n"
+        f"      nameservers: {{addresses: [10.231.254.53], search: [{DOMAIN}, other.test]}}\n"
+    ).encode())
+    assert lab.sudo(config, "netplan generate 2>&1") == ""
+    lab.sudo(config, "setsid -f sh -c 'sleep 0.3; netplan apply >/root/apply.log 2>&1; "
+                     "echo $? >/root/apply.rc' </dev/null >/dev/null 2>&1")
+    assert _wait_port(moved.address.ip, within=10)
+    assert not _port_open(config.address.ip, timeout=1)
+    assert lab.sudo(moved, "cat /root/apply.rc /root/apply.log").split() == ["0"]
+    assert lab.sudo(moved, "ip -4 -br addr show dev eth0").split()[2:] == ["10.231.254.23/24"]
+    assert lab.sudo(moved, "ip route show default").split()[:5] == \
+        ["default", "via", str(GATEWAY.ip), "dev", "eth0"]
+    resolv = lab.sudo(moved, "cat /etc/resolv.conf").splitlines()
+    assert f"search {DOMAIN} other.test" in resolv and "nameserver 10.231.254.53" in resolv
+
+    # The guest's netplan outlives a reboot: cloud-init does not run again.
+    assert lab.hosts.stop(config.name)
+    assert lab.hosts.boot(config)
+    assert _wait_port(moved.address.ip, within=10)
+    assert lab.sudo(moved, "ip -4 -br addr show dev eth0").split()[2:] == ["10.231.254.23/24"]
+    assert not _port_open(config.address.ip, timeout=1)
+    lab.hosts.delete(config.name)
+
+
+def test_procsys_tree_follows_the_kernel_rules(tmp_path: Path) -> None:
+    """The stand-in's rules without FUSE: a fake /proc/sys without br_netfilter."""
+    root = tmp_path / "sys"
+    (root / "kernel").mkdir(parents=True)
+    (root / "net" / "core").mkdir(parents=True)
+    (root / "kernel" / "kptr_restrict").write_text("0\n")
+    (root / "kernel" / "printk").write_text("4\t4\t1\t7\n")
+    (root / "kernel" / "core_pattern").write_text("core\n")
+    (root / "kernel" / "hostname").write_text("machine\n")  # UTS: never copied
+    (root / "kernel" / "osrelease").write_text("6.1\n")
+    (root / "kernel" / "osrelease").chmod(0o444)
+    modules = tmp_path / "modules"
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        tree = Tree(fd, {"net/core/bpf_jit_harden": (0o100600, "0\n")}, str(modules))
+    finally:
+        os.close(fd)
+    assert "kernel/hostname" not in tree.keys and "kernel/osrelease" not in tree.keys
+    assert tree.keys["net/core/bpf_jit_harden"].value == b"0\n"
+    assert tree.key("kernel/yama/ptrace_scope") is not None  # Debian's kernel has it
+
+    printk = tree.keys["kernel/printk"]
+    printk.write(b"3 0x4\n", 0)
+    assert printk.value == b"3\t4\t1\t7\n"
+    kptr = tree.keys["kernel/kptr_restrict"]
+    for bad in (b"abc\n", b"3\n", b"1x\n", b"\n"):
+        with pytest.raises(OSError) as caught:
+            kptr.write(bad, 0)
+        assert caught.value.errno == 22
+    tree.keys["kernel/core_pattern"].write(b"|/bin/false %p\nignored", 0)
+    assert tree.keys["kernel/core_pattern"].value == b"|/bin/false %p\n"
+    assert parse_integers(b" -1\t010 0x10\n") == [-1, 8, 16]
+
+    # net.bridge.* appears once the host's modprobe has "loaded" br_netfilter.
+    assert tree.stat("net/bridge") is None
+    modules.write_text("br_netfilter 0 0 - Live 0x0000000000000000\n")
+    assert tree.stat("net/bridge") is not None
+    assert ("bridge-nf-call-iptables", False) in tree.listdir("net/bridge")
+    assert tree.keys["net/bridge/bridge-nf-call-iptables"].value == b"1\n"
