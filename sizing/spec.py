@@ -190,7 +190,18 @@ class Ssh(StrictModel):
     user: Annotated[str, Field(pattern=_LINUX_USER.pattern)]
     identity_block: BlockName
     bootstrap_user: Annotated[str, Field(pattern=_LINUX_USER.pattern)] | None = None
+    remove_bootstrap_user: bool = Field(
+        default=True, description="phase 2 deletes the template's login once the admin "
+                                  "user works")
+    admin_group: Annotated[str, Field(pattern=_LINUX_USER.pattern)] = "platform-admins"
+    allowed_from: list[IPv4Network] | None = Field(
+        default=None, description="networks SSH is accepted from (the orchestrator, the "
+                                  "admins); default: the LAN zone")
     concurrency: int = Field(default=20, ge=1, le=256)
+
+
+DEFAULT_PACKAGES = ("openssh-server", "sudo", "chrony", "nftables", "netplan.io", "python3",
+                    "curl", "ca-certificates")
 
 
 class VaultSettings(StrictModel):
@@ -267,6 +278,8 @@ class PlatformSpec(StrictModel):
     middleware: Middleware = Middleware()
     eservices: Eservices | None = None
     overrides: dict[str, RoleOverride] = Field(default_factory=dict)
+    base_packages: list[NonEmpty] = Field(default_factory=lambda: list(DEFAULT_PACKAGES),
+                                          description="installed on every VM by phase 2")
 
     @field_validator("users")
     @classmethod

@@ -246,6 +246,11 @@ def semantic_problems(spec: PlatformSpec) -> list[SpecProblem]:
                                   f"{zone_name.value}, so a VM could get it; pick an address "
                                   "outside the range"))
 
+    if spec.ssh.remove_bootstrap_user and spec.ssh.bootstrap_user == spec.ssh.user:
+        add(SpecProblem(("ssh", "bootstrap_user"),
+                        f"the bootstrap user is the admin user {spec.ssh.user}, and "
+                        "remove_bootstrap_user would delete it; use the template's own login "
+                        "here, or set remove_bootstrap_user: false"))
     problems += _override_problems(spec)
     problems += _product_problems(spec)
     problems += _vault_problems(spec)

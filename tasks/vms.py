@@ -3,13 +3,11 @@ and wait for its address. Each opens its own hypervisor session through the spec
 
 from __future__ import annotations
 
-import threading
 import time
-from typing import Any, cast
+from typing import cast
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
 
 from blocks.hypervisor import (
     HypervisorError,
@@ -21,6 +19,7 @@ from blocks.ssh import SshIdentity
 from sizing.inventory import Inventory
 from sizing.spec import PlatformSpec
 from tasks import host_keys
+from tasks.blocks import load_block
 from tasks.cloud_init import render_cloud_init
 from tasks.retry import transient_only
 
@@ -49,34 +48,11 @@ def open_hypervisor(spec: PlatformSpec) -> HypervisorSession:
         from blocks.vsphere import VsphereHypervisor
 
         assert hv.vsphere is not None
-        return _load(VsphereHypervisor, hv.block).open(hv.vsphere)
+        return load_block(VsphereHypervisor, hv.block).open(hv.vsphere)
     from blocks.nutanix import NutanixHypervisor
 
     assert hv.nutanix is not None
-    return _load(NutanixHypervisor, hv.block).open(hv.nutanix)
-
-
-_BLOCKS: dict[tuple[str, str, str], Any] = {}
-_BLOCKS_LOCK = threading.Lock()
-
-
-def _load(kind: Any, name: str) -> Any:
-    """Load a block once per flow run and process: a phase's tasks all use the same
-    credentials, and a load per task is an API round trip per VM for nothing."""
-    key = (str(flow_run.get_id()), kind.__name__, name)
-    with _BLOCKS_LOCK:
-        if key in _BLOCKS:
-            return _BLOCKS[key]
-    try:
-        block = kind.load(name)
-    except ValueError as error:
-        raise HypervisorError(f"Prefect block {name!r} ({kind.__name__}) cannot be loaded: "
-                              f"{error}; create it first (see the README)") from None
-    with _BLOCKS_LOCK:
-        if len(_BLOCKS) > 64:  # runs of a long-lived process: keep only recent ones
-            _BLOCKS.clear()
-        _BLOCKS[key] = block
-    return block
+    return load_block(NutanixHypervisor, hv.block).open(hv.nutanix)
 
 
 @task(name="preflight-hypervisor", retries=2, retry_delay_seconds=[2, 10],
@@ -118,7 +94,7 @@ def provision_vm(spec: PlatformSpec, inventory: Inventory, vm_name: str) -> dict
     started = time.monotonic()
     stages = Stages()
     vm = inventory.by_name(vm_name)
-    identity = cast(SshIdentity, _load(SshIdentity, spec.ssh.identity_block))
+    identity = cast(SshIdentity, load_block(SshIdentity, spec.ssh.identity_block))
     session = open_hypervisor(spec)
     stages.mark("connect")
     try:

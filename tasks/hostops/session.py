@@ -368,6 +368,15 @@ class ConnectionPool:
         """A HostSession on the pooled connection (options as HostSession's)."""
         return HostSession(self.connection(target), host=target.label, **options)
 
+    def drop(self, target: HostTarget) -> None:
+        """Close and forget the connection to `target` (e.g. before deleting its user)."""
+        key = (target.host, target.port, target.user or self.identity.user)
+        with self._lock(key):
+            connection = self._connections.pop(key, None)
+            self._keys.pop(key, None)
+        if connection is not None:
+            connection.close()
+
     def close(self) -> None:
         with self._guard:
             connections = list(self._connections.values()) + list(self._jumps.values())

@@ -1,0 +1,34 @@
+"""Loading the Prefect blocks a phase needs (credentials of the outside systems)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prefect.runtime import flow_run
+
+
+class MissingBlock(RuntimeError):
+    """A block the spec names does not exist in this Prefect (permanent: create it)."""
+
+_BLOCKS: dict[tuple[str, str, str], Any] = {}
+_BLOCKS_LOCK = threading.Lock()
+
+
+def load_block(kind: Any, name: str) -> Any:
+    """Load a block once per flow run and process: a phase's tasks all use the same
+    credentials, and a load per task is an API round trip per VM for nothing."""
+    key = (str(flow_run.get_id()), kind.__name__, name)
+    with _BLOCKS_LOCK:
+        if key in _BLOCKS:
+            return _BLOCKS[key]
+    try:
+        block = kind.load(name)
+    except ValueError as error:
+        raise MissingBlock(f"Prefect block {name!r} ({kind.__name__}) cannot be loaded: "
+                              f"{error}; create it first (see the README)") from None
+    with _BLOCKS_LOCK:
+        if len(_BLOCKS) > 64:  # runs of a long-lived process: keep only recent ones
+            _BLOCKS.clear()
+        _BLOCKS[key] = block
+    return block

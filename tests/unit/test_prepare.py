@@ -1,0 +1,74 @@
+"""Phase 2's plan for a host, without a host: files, users, kernel settings, firewall."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sizing.firewall import input_rules
+from sizing.inventory import build_inventory
+from sizing.spec import PlatformSpec
+from sizing.validate import parse_spec
+from tasks.prepare import bootstrap_removal, host_operations
+from tests.conftest import LAB_SPEC
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJx orchestrator"
+
+
+def _ops(spec: PlatformSpec, name: str) -> dict[str, Any]:
+    inventory = build_inventory(spec)
+    return {op.id: op for op in host_operations(spec, inventory, inventory.by_name(name), KEY)}
+
+
+def test_every_host_gets_user_network_time_and_hardening(lab_spec: PlatformSpec) -> None:
+    ops = _ops(lab_spec, "lab-vault-01")
+    user = next(op for op in ops.values() if type(op).__name__ == "User")
+    assert user.name == "platform" and KEY in user.authorized_keys
+    netplan = next(op for op in ops.values()
+                   if getattr(op, "path", "") == "/etc/netplan/60-platform.yaml")
+    text = netplan.content.decode()
+    assert '"10.231.0.22/24"' in text and '"10.231.0.1"' in text
+    assert netplan.validator == "netplan generate" and netplan.mode == 0o600
+    sshd = next(op for op in ops.values() if getattr(op, "path", "").endswith(
+        "50-platform-hardening.conf"))
+    assert "PasswordAuthentication no" in sshd.content.decode()
+    assert "AllowGroups platform-admins\n" in sshd.content.decode()  # the bootstrap login goes away
+    assert sshd.validator == "sshd -t"
+    nft = next(op for op in ops.values() if getattr(op, "path", "") == "/etc/nftables.conf")
+    assert nft.validator == "nft -c -f {path}"
+    assert "tcp dport { 8200 }" in nft.content.decode() and "policy drop" in nft.content.decode()
+    assert "sysctl kernel.kptr_restrict" in ops
+    assert "command swap off" not in ops, "only cluster nodes lose their swap"
+
+
+def test_cluster_nodes_get_what_rke2_needs(lab_spec: PlatformSpec) -> None:
+    ops = _ops(lab_spec, "lab-apps-server-01")
+    assert {"command swap off", "command load the RKE2 kernel modules",
+            "sysctl net.ipv4.ip_forward", "sysctl net.bridge.bridge-nf-call-iptables"} <= set(ops)
+    nft = next(op for op in ops.values() if getattr(op, "path", "") == "/etc/nftables.conf")
+    text = nft.content.decode()
+    assert "tcp dport { 6443 }" in text and "tcp dport { 2379-2381 }" in text
+    assert "10.231.0.20" in text, "the LAN load balancers reach the API"
+    assert "policy accept;" in text.split("chain forward")[1]
+
+
+def test_load_balancer_firewall(lab_spec: PlatformSpec) -> None:
+    inventory = build_inventory(lab_spec)
+    rules = input_rules(lab_spec, inventory, inventory.by_name("lab-lbdmz-01"))
+    by_why = {rule.why: rule for rule in rules}
+    assert by_why["the services behind the pair"].sources == ("0.0.0.0/0",)
+    assert by_why["keepalived VRRP from the peer"].sources == ("10.231.1.21",)
+    assert by_why["HAProxy stats page"].sources == (
+        "10.231.0.0/24", "10.231.1.1/32", "10.231.2.1/32")
+
+
+def test_bootstrap_login_kept_when_asked() -> None:
+    spec = parse_spec(LAB_SPEC.read_text().replace("remove_bootstrap_user: true",
+                                                   "remove_bootstrap_user: false"), "lab")
+    assert bootstrap_removal(spec) == []
+    sshd = next(op for op in _ops(spec, "lab-gitops-01").values()
+                if getattr(op, "path", "").endswith("50-platform-hardening.conf"))
+    assert "AllowGroups platform-admins debian\n" in sshd.content.decode()
+
+
+def test_bootstrap_removal(lab_spec: PlatformSpec) -> None:
+    assert next(op.id for op in bootstrap_removal(lab_spec)).endswith("debian")
