@@ -57,6 +57,13 @@ class Lab:
 
     def up(self, with_prefect: bool = True) -> list[str]:
         """Bring up what is missing; a second call changes nothing and says so."""
+        try:
+            return self._up(with_prefect)
+        except Exception as error:
+            raise RuntimeError(f"{error}\nThe lab may be partly up: `platformctl lab down` "
+                               f"(state {self.state_dir}) removes what was started.") from error
+
+    def _up(self, with_prefect: bool) -> list[str]:
         if os.geteuid() != 0:
             raise RuntimeError("the lab needs root (network namespaces, bridges, mounts)")
         bridges_for(self.spec)  # refuses zones outside the lab range before any change

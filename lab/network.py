@@ -113,13 +113,29 @@ def plan_up(spec: PlatformSpec, forwarding_was_on: bool) -> list[list[str]]:
     return commands
 
 
+OWNER_FILE = Path("/run/platform-lab.owner")
+"""Which state directory's lab holds the machine's lab network: lab addresses and bridge
+names are global, so one lab at a time."""
+
+
 class LabNetwork:
     """Brings the lab's bridges, route and forwarding rules up and down; idempotent."""
 
     def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir.resolve()
         self.state_file = state_dir / "network.json"
 
+    def _claim(self) -> None:
+        owner = OWNER_FILE.read_text().strip() if OWNER_FILE.exists() else ""
+        if owner and owner != str(self.state_dir) and \
+                any(name.startswith(BRIDGE_PREFIX) for name in _links()):
+            raise LabNetworkError(
+                f"another lab is up on this machine (state in {owner}); bring it down "
+                f"first (PLATFORM_LAB_STATE={owner} platformctl lab down)")
+        OWNER_FILE.write_text(f"{self.state_dir}\n")
+
     def up(self, spec: PlatformSpec) -> list[str]:
+        self._claim()
         changes: list[str] = []
         state = self._state()
         if "ip_forward" not in state:
@@ -158,6 +174,8 @@ class LabNetwork:
             _run(["ip", "route", "del", "unreachable", str(LAB_RANGE)])
             changes.append(f"removed unreachable route {LAB_RANGE}")
         self.state_file.unlink(missing_ok=True)
+        if OWNER_FILE.exists() and OWNER_FILE.read_text().strip() == str(self.state_dir):
+            OWNER_FILE.unlink()
         return changes
 
     def bridges(self) -> dict[str, list[str]]:
