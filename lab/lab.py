@@ -96,19 +96,24 @@ class Lab:
     def _watcher_up(self) -> list[str]:
         if self.watcher.pid() is not None:
             return []
-        env = dict(os.environ)
-        vcsim, prism = self.vcsim.access(), self.nutanix.access()
-        if vcsim is not None:
-            env |= {"LAB_VCSIM_URL": vcsim.url, "LAB_VCSIM_USER": vcsim.user,
-                    "LAB_VCSIM_PASSWORD": vcsim.password}
-        if prism is not None:
-            env |= {"LAB_PRISM_URL": prism.url, "LAB_PRISM_USER": prism.user,
-                    "LAB_PRISM_PASSWORD": prism.password, "LAB_PRISM_CA": str(prism.ca_file)}
+        env = dict(os.environ) | self._source_env()
         self.watcher.start([sys.executable, "-m", "lab.watcher", "--spec", self.spec_path,
                             "--state", str(self.state_dir)], env=env, cwd=PROJECT_DIR)
         self.watcher.wait_until(lambda: "watching" in self.watcher.log.read_text(), 30,
                                 "watching")
         return [f"watcher following {self.spec.hypervisor.kind}: VMs powered on boot lab hosts"]
+
+    def _source_env(self, running_only: bool = False) -> dict[str, str]:
+        """The variables lab.sources reads to reach the lab's hypervisor simulators."""
+        env: dict[str, str] = {}
+        vcsim, prism = self.vcsim.access(), self.nutanix.access()
+        if vcsim is not None and not (running_only and self.vcsim.daemon.pid() is None):
+            env |= {"LAB_VCSIM_URL": vcsim.url, "LAB_VCSIM_USER": vcsim.user,
+                    "LAB_VCSIM_PASSWORD": vcsim.password}
+        if prism is not None and not (running_only and self.nutanix.daemon.pid() is None):
+            env |= {"LAB_PRISM_URL": prism.url, "LAB_PRISM_USER": prism.user,
+                    "LAB_PRISM_PASSWORD": prism.password, "LAB_PRISM_CA": str(prism.ca_file)}
+        return env
 
     def _register_blocks(self, force: bool) -> list[str]:
         """The blocks the spec names, with the lab's values (the lab vCenter, a fresh key)."""
@@ -176,16 +181,8 @@ class Lab:
         from lab.cloudinit import CloudInitError, host_config
         from lab.sources import sources_from_env
 
-        env: dict[str, str] = {}
-        vcsim, prism = self.vcsim.access(), self.nutanix.access()
-        if vcsim is not None and self.vcsim.daemon.pid() is not None:
-            env |= {"LAB_VCSIM_URL": vcsim.url, "LAB_VCSIM_USER": vcsim.user,
-                    "LAB_VCSIM_PASSWORD": vcsim.password}
-        if prism is not None and self.nutanix.daemon.pid() is not None:
-            env |= {"LAB_PRISM_URL": prism.url, "LAB_PRISM_USER": prism.user,
-                    "LAB_PRISM_PASSWORD": prism.password, "LAB_PRISM_CA": str(prism.ca_file)}
         rows: list[dict[str, object]] = []
-        for source in sources_from_env(env):
+        for source in sources_from_env(self._source_env(running_only=True)):
             for vm in sorted(source.vms(), key=lambda v: v.name):
                 ip = ""
                 if vm.cloud_init is not None:

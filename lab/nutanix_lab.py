@@ -3,31 +3,18 @@ background process, seeded with the spec's cluster, one subnet per zone and the 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from lab.access import Access
 from lab.processes import Daemon
 from sizing.spec import PlatformSpec
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class PrismAccess:
-    address: str  # host:port
-    user: str
-    password: str
-    ca_file: Path
-
-    @property
-    def url(self) -> str:
-        return f"https://{self.address}"
 
 
 class NutanixLab:
@@ -37,13 +24,8 @@ class NutanixLab:
         self.port = port or int(os.environ.get("PLATFORM_LAB_PRISM_PORT", "19440"))
         self.access_file = state_dir / "nutanix.json"
 
-    def access(self) -> PrismAccess | None:
-        try:
-            data = json.loads(self.access_file.read_text())
-        except FileNotFoundError:
-            return None
-        return PrismAccess(data["address"], data["user"], data["password"],
-                           Path(data["ca_file"]))
+    def access(self) -> Access | None:
+        return Access.load(self.access_file)
 
     def up(self, spec: PlatformSpec) -> list[str]:
         placement = spec.hypervisor.nutanix
@@ -71,11 +53,8 @@ class NutanixLab:
                                "serving")
         ca_file = next(line.split("=", 1)[1] for line in self.daemon.log.read_text().splitlines()
                        if line.startswith("NUTANIX_CA_FILE="))
-        access = PrismAccess(f"127.0.0.1:{self.port}", user, password, Path(ca_file))
-        self.access_file.write_text(json.dumps({
-            "address": access.address, "user": user, "password": password,
-            "ca_file": str(access.ca_file)}))
-        self.access_file.chmod(0o600)
+        access = Access(f"127.0.0.1:{self.port}", user, password, Path(ca_file))
+        access.save(self.access_file)
         return [f"started the Nutanix Prism Central stand-in on {access.url} (cluster "
                 f"{placement.cluster}, image {placement.image})"]
 

@@ -9,13 +9,11 @@ every VM, like a freshly installed vCenter.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
 import ssl
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +21,13 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
+from lab.access import Access
 from lab.processes import Daemon
 from lab.tls import issue
 from sizing.spec import PlatformSpec
 
 CACHE = Path(os.environ.get("PLATFORM_CACHE", "/var/cache/platform-orchestrator"))
 BUILD_SCRIPT = Path(__file__).resolve().parent / "vcsim" / "build.sh"
-
-
-@dataclass(frozen=True)
-class VcsimAccess:
-    """How the lab's blocks and watcher reach vcsim."""
-
-    address: str  # host:port
-    user: str
-    password: str
-    ca_file: Path
-
-    @property
-    def url(self) -> str:
-        return f"https://{self.address}/sdk"
 
 
 def build() -> Path:
@@ -61,13 +46,8 @@ class Vcsim:
         self.port = port or int(os.environ.get("PLATFORM_LAB_VCSIM_PORT", "18989"))
         self.access_file = state_dir / "vcsim.json"
 
-    def access(self) -> VcsimAccess | None:
-        try:
-            data = json.loads(self.access_file.read_text())
-        except FileNotFoundError:
-            return None
-        return VcsimAccess(data["address"], data["user"], data["password"],
-                           Path(data["ca_file"]))
+    def access(self) -> Access | None:
+        return Access.load(self.access_file)
 
     def up(self, spec: PlatformSpec, extra_args: tuple[str, ...] = ()) -> list[str]:
         placement = spec.hypervisor.vsphere
@@ -77,8 +57,9 @@ class Vcsim:
             return []
         binary = build()
         cert, key = issue(self.state_dir / "tls", "vcsim", ["127.0.0.1", "localhost"])
-        access = VcsimAccess(f"127.0.0.1:{self.port}", "lab-admin@vsphere.local",
-                             secrets.token_urlsafe(18), self.state_dir / "tls" / "lab-ca.pem")
+        access = Access(f"127.0.0.1:{self.port}", "lab-admin@vsphere.local",
+                             secrets.token_urlsafe(18), self.state_dir / "tls" / "lab-ca.pem",
+                        path="/sdk")
         self.daemon.log.unlink(missing_ok=True)
         self.daemon.start([
             str(binary), "-l", access.address, "-username", access.user,
@@ -89,10 +70,7 @@ class Vcsim:
             "-vm", "1", "-autostart=false", *extra_args],
             env=dict(os.environ, VCSIM_PASSWORD=access.password))
         self.daemon.wait_until(lambda: "VCSIM_URL=" in self._log(), 30, "serving")
-        self.access_file.write_text(json.dumps({
-            "address": access.address, "user": access.user, "password": access.password,
-            "ca_file": str(access.ca_file)}))
-        self.access_file.chmod(0o600)
+        access.save(self.access_file)
         self._make_template(access, placement.template)
         return [f"started vcsim on {access.url} ({placement.datacenter}/{placement.cluster}, "
                 f"template {placement.template})"]
@@ -105,7 +83,7 @@ class Vcsim:
     def _log(self) -> str:
         return self.daemon.log.read_text(errors="replace") if self.daemon.log.exists() else ""
 
-    def _make_template(self, access: VcsimAccess, name: str) -> None:
+    def _make_template(self, access: Access, name: str) -> None:
         si = connect(access)
         try:
             seed = next(vm for vm in all_of(si, vim.VirtualMachine)
@@ -116,7 +94,7 @@ class Vcsim:
             Disconnect(si)
 
 
-def connect(access: VcsimAccess) -> vim.ServiceInstance:
+def connect(access: Access) -> vim.ServiceInstance:
     """A pyvmomi session that verifies vcsim's certificate against the lab CA."""
     context = ssl.create_default_context(cafile=str(access.ca_file))
     host, port = access.address.rsplit(":", 1)
