@@ -205,6 +205,9 @@ DEFAULT_PACKAGES = ("openssh-server", "sudo", "chrony", "nftables", "netplan.io"
 
 
 class VaultSettings(StrictModel):
+    block: BlockName = Field(default="platform-vault",
+                             description="the VaultServer block phase 3 creates and every "
+                                         "later phase logs in with")
     shares: int = Field(default=5, ge=1, le=10)
     threshold: int = Field(default=3, ge=1, le=10)
     unseal: Literal["prefect", "operators"] = "prefect"

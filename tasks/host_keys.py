@@ -2,9 +2,11 @@
 handed to the guest through cloud-init, and kept as a secret, so that every SSH connection
 of every later phase verifies the host from the very first one.
 
-Until Vault exists (phase 3) the pairs live in Prefect Secret blocks (encrypted in
-Prefect's database), one per VM. Private keys never leave these functions except into the
-VM's cloud-init data; task results carry public keys at most.
+Until Vault exists the pairs live in Prefect Secret blocks (encrypted in Prefect's
+database), one per VM; phase 3 moves them into Vault's KV (`platform/ssh-host-keys/<vm>`)
+and deletes the blocks. `load` looks in both places, Prefect first (a VM added after
+phase 3 gets its pair there until the next phase 3 run). Private keys never leave these
+functions except into the VM's cloud-init data; task results carry public keys at most.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from prefect.blocks.system import Secret
 from sizing.inventory import VM
 from sizing.spec import PlatformSpec
 from tasks.cloud_init import HostKey
+from tasks.hostops import HostTarget
 
 
 def secret_name(spec: PlatformSpec, vm: VM) -> str:
@@ -34,8 +37,43 @@ def generate() -> HostKey:
     return HostKey("ed25519", private, public)
 
 
+def vault_path(vm: VM) -> str:
+    """Where the pair lives in Vault's KV mount once phase 3 moved it."""
+    return f"ssh-host-keys/{vm.name}"
+
+
 def load(spec: PlatformSpec, vm: VM) -> HostKey | None:
     """The VM's stored host key pair, or None if none was ever made."""
+    return load_prefect(spec, vm) or _load_vault(spec, vm)
+
+
+def _load_vault(spec: PlatformSpec, vm: VM) -> HostKey | None:
+    from tasks.blocks import MissingBlock
+    from tasks.vault import kv_read, service_client
+
+    try:
+        client = service_client(spec)
+    except MissingBlock:  # no Vault yet (before phase 3)
+        return None
+    import hvac
+
+    try:
+        data = kv_read(client, vault_path(vm))
+    except hvac.exceptions.VaultDown:
+        raise RuntimeError(f"{vm.name}: its SSH host key is in Vault, and Vault is sealed; "
+                           "run phase 3 (core-services) to unseal it") from None
+    if data is None:
+        return None
+    return HostKey(str(data["kind"]), str(data["private"]), str(data["public"]))
+
+
+def delete_prefect(spec: PlatformSpec, vm: VM) -> None:
+    """Remove the Prefect copy (phase 3, once Vault holds the same pair)."""
+    Secret.delete(secret_name(spec, vm))
+
+
+def load_prefect(spec: PlatformSpec, vm: VM) -> HostKey | None:
+    """The pair from its Prefect Secret block, if it is (still) there."""
     try:
         secret = cast(Secret, Secret.load(secret_name(spec, vm)))
     except ValueError:  # Prefect's "block not found"
@@ -58,3 +96,13 @@ def public_key(spec: PlatformSpec, vm: VM) -> str | None:
     """What a known_hosts line needs; None if the VM has no stored key."""
     key = load(spec, vm)
     return key.public if key else None
+
+
+def admin_target(spec: PlatformSpec, vm: VM) -> HostTarget:
+    """How later phases reach a VM: as the admin user, trusting only its stored host key."""
+    known = public_key(spec, vm)
+    if known is None:
+        raise RuntimeError(f"{vm.name}: no SSH host key is stored for it (secret "
+                           f"{secret_name(spec, vm)} or Vault); run phase 1 first")
+    return HostTarget(str(vm.ip), (known,), user=spec.ssh.user, zone=vm.zone.value,
+                      name=vm.name)

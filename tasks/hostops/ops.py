@@ -528,15 +528,20 @@ class Group(Operation):
 
 
 class User(Operation):
-    """A user with a login shell, supplementary groups (added, never removed) and, when
-    `authorized_keys` is given, its ~/.ssh/authorized_keys: exactly these keys
-    (`exclusive_keys=True`) or these keys added to the ones there."""
+    """A user with a login shell, a primary group (`group`, else its own new one),
+    supplementary groups (added, never removed) and, when `authorized_keys` is given, its
+    ~/.ssh/authorized_keys: exactly these keys (`exclusive_keys=True`) or these keys added
+    to the ones there."""
 
     def __init__(self, name: str, *, groups: Sequence[str] = (), shell: str = "/bin/bash",
                  home: str | None = None, authorized_keys: Sequence[str] | None = None,
-                 exclusive_keys: bool = True, system: bool = False) -> None:
+                 exclusive_keys: bool = True, system: bool = False,
+                 group: str | None = None) -> None:
         if not USER_RE.fullmatch(name):
             raise ValueError(f"not a user name: {name!r}")
+        if group is not None and not USER_RE.fullmatch(group):
+            raise ValueError(f"not a group name: {group!r}")
+        self.group = group
         for group in groups:
             if not USER_RE.fullmatch(group):
                 raise ValueError(f"not a group name: {group!r}")
@@ -559,10 +564,11 @@ class User(Operation):
         return f"user {self.name}"
 
     def needs(self) -> Needs:
-        return Needs(users={self.name}, groups=set(self.groups))
+        return Needs(users={self.name},
+                     groups=set(self.groups) | ({self.group} if self.group else set()))
 
     def plan(self, ctx: PlanContext) -> Plan:
-        for group in self.groups:
+        for group in (*self.groups, *([self.group] if self.group else [])):
             if ctx.facts.groups.get(group) is None:
                 raise PlanError(f"user {self.name}: group {group} does not exist "
                                 "(put a Group operation before the User)")
@@ -572,6 +578,8 @@ class User(Operation):
         if current is None:
             home = self.home or f"/home/{self.name}"
             options = [f"-s {q(self.shell)}", f"-m -d {q(home)}"]
+            if self.group:
+                options.append(f"-g {self.group}")
             if self.groups:
                 options.append(f"-G {','.join(self.groups)}")
             if self.system:
@@ -591,6 +599,10 @@ class User(Operation):
             if self.home is not None and current.home != self.home:
                 raise PlanError(f"user {self.name} exists with home {current.home}, "
                                 f"not {self.home}; move it by hand")
+            primary = ctx.facts.groups.get(self.group) if self.group else None
+            if primary is not None and primary.gid != current.gid:
+                steps.append(Step("set primary group", f"usermod -g {primary.name} {self.name}"))
+                changes.append(f"primary group -> {primary.name}")
             missing = []
             for group in self.groups:
                 state = ctx.facts.groups[group]

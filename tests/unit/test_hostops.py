@@ -322,6 +322,23 @@ def test_group_and_user_created_in_one_run() -> None:
         plan_all(ops[1:], Facts(groups={"platform-admins": None}, users={"admin": None}))
 
 
+def test_system_user_joins_its_existing_group() -> None:
+    ops = [Group("vault", system=True),
+           User("vault", group="vault", system=True, shell="/usr/sbin/nologin",
+                home="/var/lib/vault")]
+    _, user = plan_all(ops, Facts(groups={"vault": GroupState("vault", 998)},
+                                  users={"vault": None}))
+    assert user.commands() == (
+        "useradd -s /usr/sbin/nologin -m -d /var/lib/vault -g vault -r vault",)
+    moved = plan_all(ops[1:], Facts(groups={"vault": GroupState("vault", 998)},
+                                    users={"vault": UserState("vault", 997, 997,
+                                                              "/var/lib/vault",
+                                                              "/usr/sbin/nologin")}))[0]
+    assert moved.commands() == ("usermod -g vault vault",)
+    with pytest.raises(PlanError, match="group vault does not exist"):
+        plan_all(ops[1:], Facts(groups={"vault": None}, users={"vault": None}))
+
+
 def _admin(keys: bytes | None, *, shell: str = "/bin/bash") -> UserState:
     ssh_dir = FileState("directory", "admin", "admin", 0o700)
     keys_file = file_state(keys, owner="admin", group="admin", mode=0o600) \
