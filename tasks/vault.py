@@ -24,6 +24,7 @@ hosts (as `File(secret=True)`): never in a task result, a log line or an error.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import secrets
 import string
@@ -96,6 +97,16 @@ path "sys/policy/*" { capabilities = ["create", "read", "update"] }
 path "auth/token/lookup-self" { capabilities = ["read"] }
 path "auth/token/renew-self" { capabilities = ["update"] }
 """
+
+
+def _logger() -> Any:
+    """The run's logger (shown in the Prefect UI), or the module's outside a run."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 class VaultError(RuntimeError):
@@ -292,7 +303,7 @@ def operator_keys(spec: PlatformSpec, spec_dir: Path) -> list[str]:
 
 def initialise(client: hvac.Client, spec: PlatformSpec, spec_dir: Path) -> bool:
     """Initialise Vault if it never was; keep what it returns. True if it did."""
-    logger = get_run_logger()
+    logger = _logger()
     if client.sys.is_initialized():
         return False
     pgp = operator_keys(spec, spec_dir) if spec.vault.unseal == "operators" else None
@@ -317,7 +328,7 @@ def initialise(client: hvac.Client, spec: PlatformSpec, spec_dir: Path) -> bool:
 def unseal(client: hvac.Client, spec: PlatformSpec, name: str,
            wait_seconds: float = OPERATOR_WAIT_SECONDS) -> bool:
     """Unseal if sealed: with the stored shares, or by waiting for the operators."""
-    logger = get_run_logger()
+    logger = _logger()
     status = client.sys.read_seal_status()
     if not status["sealed"]:
         return False
@@ -584,7 +595,7 @@ def configure_vault(spec: PlatformSpec, inventory: Inventory,
                     pool: ConnectionPool) -> dict[str, object]:
     """KV, PKI, policy, AppRole and block, host keys into KV, a PKI certificate for Vault
     itself, then the root token revoked."""
-    logger = get_run_logger()
+    logger = _logger()
     started = time.monotonic()
     vm = vault_vm(inventory)
     client, is_root = _root_client(spec, vm, pool)
