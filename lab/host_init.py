@@ -18,7 +18,7 @@ Boot, in order (each step is named in the error sent back to hosts.py):
 4. set the hostname; populate /run; once per disk, disable the services the base
    machine has enabled; once per instance id, play cloud-init (machine-id, hosts,
    resolv.conf, /etc/netplan/50-cloud-init.yaml, users, sudoers, SSH host keys,
-   write_files); install the lab's ssh.service;
+   write_files); install the lab's ssh.service and its notify drop-ins;
 5. bring up lo and eth0, announcing the address (arp_notify): from the VM's configuration,
    or, once the guest has changed its netplan files, the way `netplan apply` does;
 6. start `sshd -D -e`, report ready once it listens, start the units enabled in this
@@ -611,6 +611,28 @@ def install_ssh_unit() -> None:
             alias.symlink_to("ssh.service")
 
 
+# Daemons that announce readiness with sd_notify only when their parent is PID 1 named
+# systemd (keepalived's check_parent_systemd): under the lab's systemctl they never do,
+# and a Type=notify start would wait out its timeout (about 3 minutes). Run as simple.
+NOTIFY_ONLY_UNDER_SYSTEMD = ("keepalived",)
+NOTIFY_DROPIN = """\
+# Installed by the lab (lab/host_init.py): this daemon signals readiness only to a real
+# systemd, which a lab host lacks; the lab starts it as Type=simple instead.
+[Service]
+Type=simple
+"""
+
+
+def install_notify_dropins() -> None:
+    """Every boot: Type=simple drop-ins for NOTIFY_ONLY_UNDER_SYSTEMD."""
+    with step("notify drop-ins"):
+        for unit in NOTIFY_ONLY_UNDER_SYSTEMD:
+            path = Path(f"/etc/systemd/system/{unit}.service.d/lab-type-simple.conf")
+            if not path.is_file() or path.read_text() != NOTIFY_DROPIN:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_text(str(path), NOTIFY_DROPIN, 0o644)
+
+
 def mark_ssh_active() -> None:
     """Start ssh.service's placeholder and record it the way systemctl3 records a
     running simple unit, so `systemctl is-active ssh` says active as on a VM and
@@ -755,6 +777,7 @@ def main(argv: list[str]) -> int:
         cloud_init(params)
         configure_network(params)
         install_ssh_unit()
+        install_notify_dropins()
         supervisor.boot_sshd()
         mark_ssh_active()
     except BootError as exc:

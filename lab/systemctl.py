@@ -13,7 +13,9 @@ against its published digest, whether it comes from the installed distribution o
 - unprivileged queries read the system run directory: upstream picks /run only if the
   caller may write to it, so `systemctl is-active haproxy` as a normal user looks in
   /tmp/run and says "inactive" where systemd says "active". Starting or stopping a
-  system unit as a normal user still fails, as with systemd.
+  system unit as a normal user still fails, as with systemd;
+- a single-valued setting assigned more than once (a drop-in overriding the unit, e.g.
+  `Type=`) takes its last value, as with systemd; upstream kept the first.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ PATCHES = (
      b'        for p in ("/run", "/var/run", "{tmp_var}/run"):\n'
      b"            path = p.format(**locals())\n"
      b"            if os.path.isdir(path) and (os.access(path, os.W_OK) or p == \"/run\"):\n"),
+    (b"        return self._conf[section][option][0] # the first line in the list of configs\n",
+     b"        return self._conf[section][option][-1] # the last assignment wins (systemd)\n"),
 )
 
 
