@@ -86,7 +86,10 @@ def input_rules(spec: PlatformSpec, inventory: Inventory, vm: VM) -> list[Rule]:
         rules += [Rule("tcp", ("5000",), (zones[ZoneName.LAN], zones[ZoneName.DMZ], *admin),
                        "private registry for every cluster node"),
                   Rule("tcp", ("3000",), (zones[ZoneName.LAN], zones[ZoneName.DMZ], *admin),
-                       "Gogs for Argo CD and the admins")]
+                       "Gogs for Argo CD and the admins"),
+                  Rule("tcp", ("22",), (zones[ZoneName.LAN], zones[ZoneName.DMZ]),
+                       "git over SSH to Gogs (Argo CD's deploy key; sshd lets only the "
+                       "admins and git in)")]
     elif vm.role is Role.MONITORING:
         rules += [Rule("tcp", ("8080",), tuple(zones.values()),
                        "Coroot UI and the agents' data")]

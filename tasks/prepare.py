@@ -18,6 +18,7 @@ from blocks.ssh import AuthenticationRefused, SshIdentity
 from sizing.firewall import forwards, input_rules
 from sizing.inventory import VM, Inventory
 from sizing.spec import PlatformSpec
+from sizing.tiers import Role
 from tasks import host_keys
 from tasks.blocks import load_block
 from tasks.hostops import (
@@ -62,6 +63,9 @@ RKE2_SYSCTLS: tuple[tuple[str, str], ...] = (
     ("net.bridge.bridge-nf-call-ip6tables", "1"),
 )
 RKE2_MODULES = ("overlay", "br_netfilter")
+# Service users that log in over SSH besides the admins: Gogs' `git` (phase 3, tasks.gogs)
+# serves git over SSH to Argo CD's deploy key through a forced command.
+SSH_SERVICE_GROUPS: dict[Role, tuple[str, ...]] = {Role.GITOPS: ("git",)}
 
 
 def host_operations(spec: PlatformSpec, inventory: Inventory, vm: VM,
@@ -126,7 +130,8 @@ def host_operations(spec: PlatformSpec, inventory: Inventory, vm: VM,
         not ssh.remove_bootstrap_user else None
     sshd = File("/etc/ssh/sshd_config.d/50-platform-hardening.conf",
                 render("prepare/sshd-hardening.conf.j2", admin_group=ssh.admin_group,
-                       bootstrap_user=keep_bootstrap),
+                       bootstrap_user=keep_bootstrap,
+                       service_groups=SSH_SERVICE_GROUPS.get(vm.role, ())),
                 validator="sshd -t")
     ops += [sshd, Service("ssh", reload_on=[sshd])]
 

@@ -545,12 +545,21 @@ def kv_ensure(client: hvac.Client, path: str,
               make: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
     """A KV secret, created by ``make`` only if it does not exist (never overwritten);
     the flag says whether it was created. The value stays with the caller."""
+    import hvac as hvac_module
+
     current = kv_read(client, path)
     if current is not None:
         return current, False
     value = make()
-    client.secrets.kv.v2.create_or_update_secret(path=path, secret=value, mount_point=KV_MOUNT,
-                                                 cas=0)
+    try:
+        client.secrets.kv.v2.create_or_update_secret(path=path, secret=value,
+                                                     mount_point=KV_MOUNT, cas=0)
+    except hvac_module.exceptions.InvalidRequest:
+        # cas=0 lost a race: another task (the pair's other node) created it first.
+        current = kv_read(client, path)
+        if current is None:
+            raise
+        return current, False
     return value, True
 
 

@@ -13,7 +13,7 @@ from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.common import PhaseNotImplemented
-from flows.core_services import core_services
+from flows.kubernetes import kubernetes_clusters
 from flows.platform import PlatformFailed, platform
 from sizing.plan import PHASES
 from tests.conftest import LAB_SPEC
@@ -83,8 +83,8 @@ def test_a_failed_phase_stops_the_run_and_the_summary_says_so() -> None:
 
 
 def test_an_unbuilt_phase_runs_alone_and_refuses_to_pretend() -> None:
-    with pytest.raises(PhaseNotImplemented, match=r"phase 3 .* not implemented yet"):
-        core_services(spec_path=str(LAB_SPEC))
+    with pytest.raises(PhaseNotImplemented, match=r"phase 4 .* not implemented yet"):
+        kubernetes_clusters(spec_path=str(LAB_SPEC))
 
 
 def test_a_bad_spec_fails_before_any_phase(tmp_path: Any) -> None:

@@ -65,9 +65,22 @@ def test_bootstrap_login_kept_when_asked() -> None:
     spec = parse_spec(LAB_SPEC.read_text().replace("remove_bootstrap_user: true",
                                                    "remove_bootstrap_user: false"), "lab")
     assert bootstrap_removal(spec) == []
-    sshd = next(op for op in _ops(spec, "lab-gitops-01").values()
+    sshd = next(op for op in _ops(spec, "lab-vault-01").values()
                 if getattr(op, "path", "").endswith("50-platform-hardening.conf"))
     assert "AllowGroups platform-admins debian\n" in sshd.content.decode()
+
+
+def test_only_gogs_host_lets_git_in_over_ssh(lab_spec: PlatformSpec) -> None:
+    from tasks.gogs import RUN_USER
+
+    def allow(vm: str) -> str:
+        sshd = next(op for op in _ops(lab_spec, vm).values()
+                    if getattr(op, "path", "").endswith("50-platform-hardening.conf"))
+        return next(line for line in sshd.content.decode().splitlines()
+                    if line.startswith("AllowGroups"))
+
+    assert allow("lab-gitops-01") == f"AllowGroups platform-admins {RUN_USER}"
+    assert allow("lab-vault-01") == "AllowGroups platform-admins"
 
 
 def test_bootstrap_removal(lab_spec: PlatformSpec) -> None:
