@@ -18,15 +18,18 @@ _BLOCKS_LOCK = threading.Lock()
 def load_block(kind: Any, name: str) -> Any:
     """Load a block once per flow run and process: a phase's tasks all use the same
     credentials, and a load per task is an API round trip per VM for nothing."""
-    key = (str(flow_run.get_id()), kind.__name__, name)
+    run_id = flow_run.get_id()
+    key = (str(run_id), kind.__name__, name)
     with _BLOCKS_LOCK:
-        if key in _BLOCKS:
+        if run_id is not None and key in _BLOCKS:
             return _BLOCKS[key]
     try:
         block = kind.load(name)
     except ValueError as error:
         raise MissingBlock(f"Prefect block {name!r} ({kind.__name__}) cannot be loaded: "
                               f"{error}; create it first (see the README)") from None
+    if run_id is None:
+        return block  # outside a flow run nothing says when the block may change: no cache
     with _BLOCKS_LOCK:
         if len(_BLOCKS) > 64:  # runs of a long-lived process: keep only recent ones
             _BLOCKS.clear()

@@ -665,9 +665,14 @@ _CLIENT_REUSE_SECONDS = 1200.0  # well inside the AppRole token's one-hour life
 
 def service_client(spec: PlatformSpec) -> hvac.Client:
     """The orchestrator's Vault client for every later task (the phase-3 block), logged in
-    once per process and block for twenty minutes rather than once per call."""
+    once per flow run and block for twenty minutes rather than once per call."""
+    from prefect.runtime import flow_run
+
     block = cast(VaultServer, load_block(VaultServer, spec.vault.block))
-    key = (spec.vault.block, block.address)
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return block.client()  # outside a flow run: nothing to share the login with
+    key = (str(run_id), spec.vault.block)
     now = time.monotonic()
     with _CLIENTS_LOCK:
         cached = _CLIENTS.get(key)
@@ -675,5 +680,7 @@ def service_client(spec: PlatformSpec) -> hvac.Client:
             return cached[1]
     client = block.client()
     with _CLIENTS_LOCK:
+        if len(_CLIENTS) > 64:  # a long-lived worker: keep only recent runs
+            _CLIENTS.clear()
         _CLIENTS[key] = (now, client)
     return client
