@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,8 +19,11 @@ from blocks.vsphere import VsphereHypervisor
 from lab.lab import Lab
 from lab.prefect_stack import PrefectStack
 from lab.ssh_keys import ensure_identity
+from sizing.inventory import build_inventory
+from sizing.spec import PlatformSpec
+from tasks import host_keys
 from tasks.spec import read_spec
-from tests.conftest import exclusive_lab
+from tests.conftest import LAB_SPEC, exclusive_lab
 
 
 @contextmanager
@@ -57,3 +61,32 @@ def lab_with_prefect(spec_path: str | Path, vcsim_port: int,
             else:
                 os.environ["PLATFORM_LAB_VCSIM_PORT"] = previous
             shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def prepared_lab(vcsim_port: int, spec_path: Path = LAB_SPEC) -> Iterator[Lab]:
+    """`lab_with_prefect` after phases 1 and 2: every VM made, booted and prepared."""
+    from flows.prepare import prepare_vms
+    from flows.provision import provision_vms
+    count = len(build_inventory(read_spec(spec_path)).vms)
+    with lab_with_prefect(spec_path, vcsim_port=vcsim_port) as lab:
+        assert provision_vms(spec_path=str(spec_path)).created == count
+        assert prepare_vms(spec_path=str(spec_path)).changed == count
+        yield lab
+
+
+def ssh(lab: Lab, spec: PlatformSpec, vm_name: str, command: str, *, user: str | None = None,
+        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The OpenSSH client as an admin would use it: the lab's key, the host keys phase 1
+    stored (strict checking), ``user`` defaulting to the spec's admin user."""
+    inventory = build_inventory(spec)
+    vm = inventory.by_name(vm_name)
+    known = lab.state_dir / "known_hosts"
+    known.write_text("".join(f"{v.ip} {host_keys.public_key(spec, v)}\n"
+                             for v in inventory.vms))
+    return subprocess.run(
+        ["ssh", "-i", str(lab.state_dir / "ssh" / "id_ed25519"), "-o", "IdentitiesOnly=yes",
+         "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+         "-o", f"UserKnownHostsFile={known}", "-o", "ConnectTimeout=5",
+         f"{user or spec.ssh.user}@{vm.ip}", command],
+        input=stdin, capture_output=True, text=True, timeout=60, check=False)

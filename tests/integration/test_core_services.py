@@ -24,8 +24,6 @@ from prefect.client.schemas.sorting import ArtifactSort
 from blocks.gogs import GogsServer
 from blocks.vault import VaultServer, ca_file
 from flows.core_services import core_services
-from flows.prepare import prepare_vms
-from flows.provision import provision_vms
 from lab.lab import Lab
 from sizing.inventory import build_inventory
 from sizing.load_balancing import STATS_PORT, STATS_USER
@@ -33,7 +31,7 @@ from tasks import gogs, host_keys
 from tasks.spec import read_spec
 from tasks.vault import kv_read
 from tests.conftest import LAB_SPEC
-from tests.labkit import lab_with_prefect
+from tests.labkit import prepared_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.prefect,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -45,9 +43,7 @@ GITOPS = INVENTORY.by_name("lab-gitops-01")
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with lab_with_prefect(LAB_SPEC, vcsim_port=18986) as lab:
-        assert provision_vms(spec_path=str(LAB_SPEC)).created == 18
-        assert prepare_vms(spec_path=str(LAB_SPEC)).changed == 18
+    with prepared_lab(vcsim_port=18986) as lab:
         first = core_services(spec_path=str(LAB_SPEC), return_state=True)
         assert first.is_completed(), first.message
         yield lab

@@ -19,8 +19,6 @@ import httpx
 import pytest
 
 from blocks.ssh import SshIdentity
-from flows.prepare import prepare_vms
-from flows.provision import provision_vms
 from lab.lab import Lab
 from sizing.inventory import VM, build_inventory
 from sizing.load_balancing import pair_nodes
@@ -30,7 +28,7 @@ from tasks.hostops import ConnectionPool, File, HostOpError, HostReport, HostTar
 from tasks.load_balancers import HAPROXY_CFG, LbSecrets, apply_load_balancer, lb_operations
 from tasks.spec import read_spec
 from tests.conftest import LAB_SPEC
-from tests.labkit import lab_with_prefect
+from tests.labkit import prepared_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.prefect,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -56,9 +54,7 @@ CURRENT = {"secrets": _new_secrets()}
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with lab_with_prefect(LAB_SPEC, vcsim_port=18990) as lab:
-        assert provision_vms(spec_path=str(LAB_SPEC)).created == 18
-        assert prepare_vms(spec_path=str(LAB_SPEC)).changed == 18
+    with prepared_lab(vcsim_port=18990) as lab:
         yield lab
 
 

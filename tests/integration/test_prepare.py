@@ -22,7 +22,7 @@ from sizing.inventory import build_inventory
 from tasks import host_keys
 from tasks.spec import read_spec
 from tests.conftest import LAB_SPEC
-from tests.labkit import lab_with_prefect
+from tests.labkit import lab_with_prefect, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.prefect,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -40,14 +40,7 @@ def lab() -> Iterator[Lab]:
 
 def _ssh(lab: Lab, vm_name: str, command: str,
          user: str = "platform") -> subprocess.CompletedProcess[str]:
-    vm = INVENTORY.by_name(vm_name)
-    known = lab.state_dir / "known_hosts"
-    known.write_text("".join(f"{v.ip} {host_keys.public_key(SPEC, v)}\n" for v in INVENTORY.vms))
-    return subprocess.run(
-        ["ssh", "-i", str(lab.state_dir / "ssh" / "id_ed25519"), "-o", "IdentitiesOnly=yes",
-         "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-         "-o", f"UserKnownHostsFile={known}", "-o", "ConnectTimeout=5", f"{user}@{vm.ip}",
-         command], capture_output=True, text=True, timeout=60, check=False)
+    return ssh(lab, SPEC, vm_name, command, user=user)
 
 
 def _table() -> str:

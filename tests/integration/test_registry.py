@@ -20,20 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from flows.prepare import prepare_vms
-from flows.provision import provision_vms
 from lab.lab import Lab
 from lab.oci import ImageDefinition, build
 from lab.tls import issue
 from sizing.images import Image, read_images
 from sizing.inventory import build_inventory
-from tasks import host_keys
 from tasks.hostops import ConnectionPool, HostOpError
 from tasks.prepare import ssh_pool
 from tasks.registry import RegistryCredentials, RegistryTls, apply_registry
 from tasks.spec import read_spec
 from tests.conftest import LAB_SPEC, ROOT
-from tests.labkit import lab_with_prefect
+from tests.labkit import prepared_lab, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.prefect,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -48,9 +45,7 @@ IMAGES = read_images(ROOT / "deployments" / "lab" / "images.txt")
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with lab_with_prefect(LAB_SPEC, vcsim_port=18992) as lab:
-        assert provision_vms(spec_path=str(LAB_SPEC)).created == 18
-        prepare_vms(spec_path=str(LAB_SPEC))
+    with prepared_lab(vcsim_port=18992) as lab:
         yield lab
 
 
@@ -118,15 +113,7 @@ def authfile(tmp_path_factory: pytest.TempPathFactory, credentials: RegistryCred
 
 def _ssh(lab: Lab, vm_name: str, command: str,
          stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    vm = INVENTORY.by_name(vm_name)
-    known = lab.state_dir / "known_hosts"
-    known.write_text("".join(f"{v.ip} {host_keys.public_key(SPEC, v)}\n" for v in INVENTORY.vms))
-    return subprocess.run(
-        ["ssh", "-i", str(lab.state_dir / "ssh" / "id_ed25519"), "-o", "IdentitiesOnly=yes",
-         "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-         "-o", f"UserKnownHostsFile={known}", "-o", "ConnectTimeout=5",
-         f"{SPEC.ssh.user}@{vm.ip}", command],
-        input=stdin, capture_output=True, text=True, timeout=60, check=False)
+    return ssh(lab, SPEC, vm_name, command, stdin=stdin)
 
 
 def _curl(pki: Path, path: str, credentials: RegistryCredentials | None = None,

@@ -18,8 +18,6 @@ from cryptography import x509
 from prefect.blocks.system import Secret
 
 from blocks.vault import VaultServer, ca_file
-from flows.prepare import prepare_vms
-from flows.provision import provision_vms
 from lab.lab import Lab
 from sizing.inventory import build_inventory
 from tasks import host_keys
@@ -38,7 +36,7 @@ from tasks.vault import (
     vault_vm,
 )
 from tests.conftest import LAB_SPEC
-from tests.labkit import lab_with_prefect
+from tests.labkit import prepared_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.prefect,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -50,9 +48,7 @@ VM = vault_vm(INVENTORY)
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with lab_with_prefect(LAB_SPEC, vcsim_port=18988) as lab:
-        assert provision_vms(spec_path=str(LAB_SPEC)).created == 18
-        assert prepare_vms(spec_path=str(LAB_SPEC)).changed == 18
+    with prepared_lab(vcsim_port=18988) as lab:
         yield lab
 
 
