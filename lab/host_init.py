@@ -16,9 +16,10 @@ Boot, in order (each step is named in the error sent back to hosts.py):
 3. like systemd-modules-load then systemd-sysctl: mark the modules of the host's
    modules-load.d loaded, apply the host's sysctl.d (to its own copies of the keys);
 4. set the hostname; populate /run; once per disk, disable the services the base
-   machine has enabled; once per instance id, play cloud-init (machine-id, hosts,
-   resolv.conf, /etc/netplan/50-cloud-init.yaml, users, sudoers, SSH host keys,
-   write_files); install the lab's ssh.service and its notify drop-ins;
+   machine has enabled; mount the /etc/fstab entries of the VM's data disks; once per
+   instance id, play cloud-init (machine-id, hosts, resolv.conf,
+   /etc/netplan/50-cloud-init.yaml, users, sudoers, SSH host keys, write_files);
+   install the lab's ssh.service and its notify drop-ins;
 5. bring up lo and eth0, announcing the address (arp_notify): from the VM's configuration,
    or, once the guest has changed its netplan files, the way `netplan apply` does;
 6. start `sshd -D -e`, report ready once it listens, start the units enabled in this
@@ -43,7 +44,11 @@ machine (each file documents its own behaviour and its differences from a VM):
 - /usr/sbin/chronyd is lab/guest/chronyd.py: the real chronyd, always with -x (never
   steers the clock);
 - netplan's script is lab/guest/netplan.py: the real netplan, except that `apply`
-  configures the host's NIC itself.
+  configures the host's NIC itself;
+- /usr/bin/lsblk is lab/guest/lsblk.py: the VM's own disks (sda the OS disk, sdb... the
+  data disks), never the machine's; the data disks are block device nodes in the host's
+  private /dev on loop devices hosts.py attached, so the real mkfs, blkid, wipefs and
+  mount work on them.
 The real commands stay reachable for the stand-ins under /run/lab-host/real/. A command
 that is a symlink to a multi-call binary (modprobe -> kmod) is replaced in the host's
 disk by the mount point; one that is missing (kmod not installed) is created: the
@@ -65,6 +70,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -106,6 +112,7 @@ STAND_INS = (
     ("/usr/sbin/swapoff", "swap.py", True, False),
     ("/usr/sbin/chronyd", "chronyd.py", True, False),
     ("/usr/sbin/netplan", "netplan.py", False, False),
+    ("/usr/bin/lsblk", "lsblk.py", False, True),
 )
 MULTI_CALL = ("kmod", "busybox")
 PR_CAPBSET_DROP = 24
@@ -234,6 +241,8 @@ def build_root(params: dict[str, Any]) -> None:
         for fd, stream in enumerate(("stdin", "stdout", "stderr")):
             os.symlink(f"/proc/self/fd/{fd}", f"{dev}/{stream}")
         os.symlink("/proc/self/fd", f"{dev}/fd")
+    with step("data disk nodes"):
+        make_disk_nodes(params, dev)
     with step("hide the lab's state"):
         # The overlay shows the whole machine, the lab's state dir included: other
         # hosts' disks and their private keys are none of this guest's business.
@@ -258,6 +267,31 @@ def build_root(params: dict[str, Any]) -> None:
             err = ctypes.get_errno()
             raise OSError(err, f"detach the old root: {os.strerror(err)}")
         os.chdir("/")
+
+
+def make_disk_nodes(params: dict[str, Any], dev: str) -> None:
+    """/dev/sdb... for the VM's data disks: nodes of the loop devices hosts.py attached to
+    the host's disk files. No node is made for anything else: the host's /dev has no
+    device of the machine's disks, so nothing in it can open them by name."""
+    disk_group = grp.getgrnam("disk").gr_gid if _has_group("disk") else 0
+    for disk in params.get("disks", []):
+        if disk.get("os"):
+            continue
+        name = str(disk["name"])
+        if not name.startswith("sd") or "/" in name:
+            raise OSError(f"unexpected disk name {name!r}")
+        node = f"{dev}/{name}"
+        os.mknod(node, 0o660 | stat.S_IFBLK, os.makedev(int(disk["major"]), int(disk["minor"])))
+        os.chown(node, 0, disk_group)
+        os.chmod(node, 0o660)
+
+
+def _has_group(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def resolve_in_root(root: str, path: str, depth: int = 0) -> str:
@@ -288,6 +322,8 @@ def install_stand_ins(params: dict[str, Any], root: str) -> None:
     init_net = {path: (int(mode), str(value))
                 for path, (mode, value) in params.get("init_net_sysctls", {}).items()}
     _procsys_server = procsys.mount(f"{root}/proc/sys", real_sys, init_net, mount, log)
+    # The VM's disks, for the lsblk stand-in (lab/guest/lsblk.py).
+    Path(f"{root}{LAB_RUN}/disks.json").write_text(json.dumps(params.get("disks", [])))
     # The machine's swap and modules are not the host's.
     Path(f"{root}{LAB_RUN}/swaps").write_text(SWAPS_HEADER)
     if os.path.exists(f"{root}/proc/swaps"):
@@ -439,6 +475,41 @@ def prepare_disk() -> None:
             if os.path.basename(link) not in SSH_UNITS:
                 os.unlink(link)
         write_text(DISK_MARKER, "base services disabled\n", 0o644)
+
+
+def mount_data_disks(params: dict[str, Any]) -> None:
+    """systemd's fstab mounts, for the host's data disks only: each /etc/fstab entry whose
+    source (LABEL=, UUID= or the node) is one of this host's /dev/sdb... nodes is mounted,
+    as at a VM's boot; an entry that fails is logged and the boot goes on (the product's
+    entries are nofail). Other entries (the OS disk, network shares) are left alone."""
+    nodes = [f"/dev/{disk['name']}" for disk in params.get("disks", []) if not disk.get("os")]
+    if not nodes or not os.path.isfile("/etc/fstab"):
+        return
+    with step("fstab mounts"):
+        identities: dict[str, str] = {}
+        for node in nodes:
+            found = subprocess.run(["blkid", "-p", "-o", "export", node], capture_output=True,
+                                   text=True, env={"PATH": PATH})
+            identities[node] = node
+            for line in found.stdout.splitlines():
+                key, _, value = line.partition("=")
+                if key in ("LABEL", "UUID") and value:
+                    identities[f"{key}={value}"] = node
+        for line in Path("/etc/fstab").read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 3 or fields[0].startswith("#") or fields[0] not in identities:
+                continue
+            node, target, fstype = identities[fields[0]], fields[1], fields[2]
+            options = fields[3] if len(fields) > 3 else "defaults"
+            if "noauto" in options.split(",") or fstype == "swap":
+                continue
+            os.makedirs(target, exist_ok=True)
+            proc = subprocess.run(["mount", "-t", fstype, "-o", options, node, target],
+                                  capture_output=True, text=True, env={"PATH": PATH})
+            if proc.returncode != 0:
+                log(f"fstab: mount {fields[0]} on {target} failed: {proc.stderr.strip()}")
+            else:
+                log(f"fstab: mounted {fields[0]} ({node}) on {target}")
 
 
 def enabled_units() -> list[str]:
@@ -774,6 +845,7 @@ def main(argv: list[str]) -> int:
         set_hostname(params)
         prepare_run()
         prepare_disk()
+        mount_data_disks(params)
         cloud_init(params)
         configure_network(params)
         install_ssh_unit()

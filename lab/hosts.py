@@ -20,6 +20,14 @@ lab/guest/): a per-host /proc/sys served over FUSE (hence /dev/fuse is required)
 modprobe/lsmod, swapon/swapoff, chronyd always with -x, and `netplan apply` acting on the
 host's own NIC. The host's processes have no CAP_SYS_MODULE nor CAP_SYS_TIME.
 
+Data disks: each disk of the VM after the first (the OS disk, which is the overlay) is a
+sparse file of the VM's configured size in `hosts/<name>/disks/` attached to a loop
+device at boot; PID 1 gives the host a private block device node for it (/dev/sdb,
+/dev/sdc...) and the `lsblk` stand-in (lab/guest/lsblk.py) reports the VM's disks only,
+so the real mkfs/mount inside the host act on that file and never on a disk of the
+machine. stop() detaches the loop devices (the files stay, like a VM's disks); delete()
+removes the files.
+
 boot() returns once the host's sshd listens (about 0.1 s; twenty in parallel in about
 1.2 s on two cores); stop() is a guest shutdown: SIGTERM to every process, SIGKILL after
 `stop_grace`. Everything here needs root.
@@ -96,6 +104,9 @@ class HostConfig:
     host_keys: tuple[tuple[str, str, str], ...]
     write_files: tuple[GuestFile, ...] = ()
     mac: str | None = None  # the VM NIC's MAC; derived from the name when None
+    # The VM's virtual disks in bytes as its hypervisor has them: the first is the OS
+    # disk (the overlay), each other one a data disk (a loop device, see `_attach_disks`).
+    disks_bytes: tuple[int, ...] = ()
 
 
 class LabHostError(RuntimeError):
@@ -296,6 +307,7 @@ class LabHosts:
                 raise LabHostError(name, "fetch systemctl", str(exc)) from exc
         netns, veth = self.netns(name), self._veth(name)
         try:
+            disks = self._attach_disks(config, hdir)
             self._ip(name, "create network",
                      f"netns add {netns}\n"
                      f"link add {veth} type veth peer name eth0 address {self._mac(config)} "
@@ -308,7 +320,7 @@ class LabHosts:
         try:
             params_path = hdir / "params.json"
             _write_private(params_path, json.dumps(
-                self._params(config, hdir, write_fd), indent=1))
+                self._params(config, hdir, write_fd, disks), indent=1))
             with (hdir / "console.log").open("ab") as console:
                 console.write(f"--- boot {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
                 console.flush()
@@ -346,7 +358,62 @@ class LabHosts:
             "booted_at": time.time(),
         }))
 
-    def _params(self, config: HostConfig, hdir: Path, status_fd: int) -> dict[str, Any]:
+    def _attach_disks(self, config: HostConfig, hdir: Path) -> list[dict[str, Any]]:
+        """A loop device per data disk, over a sparse file of the disk's size (kept across
+        boots, grown if the VM's disk grew); what PID 1 needs to make the host's nodes.
+        The OS disk comes first, with its size only (the overlay is the host's root)."""
+        if not config.disks_bytes:
+            return []
+        if len(config.disks_bytes) > 1 + 25:
+            raise LabHostError(config.name, "attach disks", "more than 26 disks")
+        disks: list[dict[str, Any]] = [{"name": "sda", "size": config.disks_bytes[0],
+                                        "os": True}]
+        directory = hdir / "disks"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        for index, size in enumerate(config.disks_bytes[1:], start=1):
+            name = f"sd{chr(ord('a') + index)}"
+            image = directory / f"{name}.img"
+            if size <= 0:
+                raise LabHostError(config.name, "attach disks", f"disk {name} has size {size}")
+            if not image.exists() or image.stat().st_size < size:
+                with image.open("ab") as handle:
+                    os.truncate(handle.fileno(), size)  # sparse: no block written
+            self._detach(config.name, image)  # a loop left by a crash: not this boot's
+            loop = _run(config.name, f"attach disk {name}",
+                        ["losetup", "--find", "--show", "--", str(image)]).strip()
+            number = os.stat(loop).st_rdev
+            disks.append({"name": name, "size": size, "loop": loop,
+                          "major": os.major(number), "minor": os.minor(number)})
+        return disks
+
+    def _detach(self, name: str, image: Path) -> None:
+        """Detach every loop device over `image` and wait until the kernel let go (a
+        file system mounted in the host's mount namespace keeps it busy until that
+        namespace is gone: the detach is then deferred, see loop(4) autoclear)."""
+        deadline = time.monotonic() + 10
+        while True:
+            found = _run(name, "list loop devices", ["losetup", "--associated", str(image),
+                                                    "--noheadings", "--output", "NAME"])
+            loops = found.split()
+            if not loops:
+                return
+            for loop in loops:
+                subprocess.run(["losetup", "--detach", loop], capture_output=True,
+                               check=False, env=GUEST_ENV)
+            if time.monotonic() > deadline:
+                raise LabHostError(name, "detach disks",
+                                   f"{', '.join(loops)} still attached to {image}")
+            time.sleep(0.05)
+
+    def _detach_disks(self, name: str) -> None:
+        """Detach the loop devices of every data disk of the host."""
+        directory = self.host_dir(name) / "disks"
+        if directory.is_dir():
+            for image in sorted(directory.glob("*.img")):
+                self._detach(name, image)
+
+    def _params(self, config: HostConfig, hdir: Path, status_fd: int,
+                disks: list[dict[str, Any]]) -> dict[str, Any]:
         """The JSON that host_init.py boots from (holds private keys: mode 600)."""
         return {
             "name": config.name, "instance_id": config.instance_id,
@@ -364,6 +431,8 @@ class LabHosts:
             "status_fd": status_fd, "stop_grace": self.stop_grace,
             "hide": [str(self.state_dir)], "mac": self._mac(config),
             "init_net_sysctls": self._init_net_sysctls(),
+            "disks": [{key: value for key, value in disk.items() if key != "loop"}
+                      for disk in disks],
         }
 
     def _init_net_sysctls(self) -> dict[str, tuple[int, str]]:
@@ -470,6 +539,7 @@ class LabHosts:
             _run(name, "delete veth", ["ip", "link", "del", veth])
         if Path("/run/netns", netns).exists():
             _run(name, "delete network namespace", ["ip", "netns", "del", netns])
+        self._detach_disks(name)
         with contextlib.suppress(FileNotFoundError):
             (self.host_dir(name) / "run.json").unlink()
         return was_running

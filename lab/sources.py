@@ -44,7 +44,7 @@ class VsphereSource:
             observed.append(ObservedVM(
                 key=key, name=str(props.get("name", key)),
                 powered_on=props.get("runtime.powerState") == "poweredOn",
-                loader=partial(self._cloud_init, obj)))
+                loader=partial(self._cloud_init, obj), disks_loader=partial(self._disks, obj)))
         return observed
 
     def _collect(self, obj: Any, paths: list[str]) -> list[tuple[Any, dict[str, Any]]]:
@@ -76,6 +76,13 @@ class VsphereSource:
             return from_guestinfo({o.key: str(o.value) for o in options or []})
         except CloudInitError:
             return None
+
+    def _disks(self, obj: Any) -> tuple[int, ...]:
+        """The VM's virtual disks in bytes, in device order (the OS disk first)."""
+        found = self._collect(obj, ["config.hardware.device"])
+        devices = found[0][1].get("config.hardware.device", []) if found else []
+        return tuple(int(d.capacityInBytes or d.capacityInKB * 1024) for d in devices or []
+                     if isinstance(d, vim.vm.device.VirtualDisk))
 
     def report_guest(self, vm: ObservedVM, ip: IPv4Address, hostname: str) -> None:
         """What VMware tools would report once the guest's network is up."""

@@ -2,8 +2,9 @@
 deletes lab hosts as their VMs are powered on, powered off and destroyed.
 
 It plays the part of the guest OS and its VMware tools: on power-on it applies the VM's
-cloud-init data (lab.cloudinit), then reports the guest's IP and hostname back to the
-hypervisor, which is what phase 1 waits for.
+cloud-init data (lab.cloudinit) and gives the host the VM's disks as the hypervisor has
+them (their sizes; lab.hosts makes the data disks), then reports the guest's IP and
+hostname back to the hypervisor, which is what phase 1 waits for.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Protocol
@@ -39,6 +40,8 @@ class ObservedVM:
     powered_on: bool
     loader: Callable[[], tuple[str, str] | None] = field(repr=False,
                                                           default=lambda: None)
+    # The VM's virtual disks in bytes, OS disk first, read when a guest boots.
+    disks_loader: Callable[[], tuple[int, ...]] = field(repr=False, default=lambda: ())
     _loaded: list[tuple[str, str] | None] = field(default_factory=list, repr=False)
 
     @property
@@ -47,6 +50,11 @@ class ObservedVM:
         if not self._loaded:
             self._loaded.append(self.loader())
         return self._loaded[0]
+
+    @property
+    def disks_bytes(self) -> tuple[int, ...]:
+        """The VM's disk sizes as its hypervisor has them (the lab host's disks)."""
+        return self.disks_loader()
 
 
 class VmSource(Protocol):
@@ -139,7 +147,8 @@ class Watcher:
             return []
         done = []
         if not self.hosts.is_running(vm.name):
-            config = host_config(vm.name, metadata, userdata, bridge=bridge.name)
+            config = replace(host_config(vm.name, metadata, userdata, bridge=bridge.name),
+                             disks_bytes=vm.disks_bytes)
             self.hosts.boot(config)
             done.append(f"{vm.name}: powered on, host booted at {config.address.ip}")
         if vm.key not in self._reported:

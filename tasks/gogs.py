@@ -24,6 +24,7 @@ from pydantic import SecretStr
 from blocks.gogs import GogsError, GogsServer
 from sizing.inventory import VM, Inventory
 from sizing.spec import PlatformSpec
+from sizing.storage import data_dir
 from sizing.tiers import Role
 from tasks import pki
 from tasks.artifacts import install_binary
@@ -49,7 +50,7 @@ CONFIG_DIR = "/etc/gogs"
 CONFIG = f"{CONFIG_DIR}/app.ini"
 CERT_FILE = f"{CONFIG_DIR}/tls/gogs.crt"
 KEY_FILE = f"{CONFIG_DIR}/tls/gogs.key"
-DATA_DIR = "/var/lib/gogs"
+DATA_DIR = data_dir("gogs")  # repositories and database, on the data disk
 RUN_USER = "git"
 HOME = "/home/git"
 UNIT = "/etc/systemd/system/gogs.service"

@@ -24,6 +24,7 @@ from tasks.blocks import load_block
 from tasks.hostops import (
     Command,
     ConnectionPool,
+    DataDisk,
     Directory,
     File,
     Group,
@@ -82,6 +83,11 @@ def host_operations(spec: PlatformSpec, inventory: Inventory, vm: VM,
             Sudoers("90-platform-admin", f"{ssh.user} ALL=(ALL:ALL) NOPASSWD: ALL\n")]
 
     ops.append(Packages(spec.base_packages))
+
+    # The first data disk, if the VM has one: formatted once, mounted at /srv/data (by
+    # label, nofail), where phase 3's services keep their state (sizing.storage).
+    if len(vm.disks_gb) > 1:
+        ops.append(DataDisk(vm.disks_gb[1]))
 
     # Name and resolution of every platform host.
     hostname = File("/etc/hostname", f"{vm.name}\n")

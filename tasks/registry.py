@@ -39,6 +39,7 @@ from sizing.artifacts import SUMS_FILE, image_archive_path
 from sizing.images import Image, read_images
 from sizing.inventory import VM, Inventory
 from sizing.spec import PlatformSpec
+from sizing.storage import data_dir
 from sizing.tiers import Role
 from tasks import host_keys, pki
 from tasks.hostops import (
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 PACKAGES = ("docker-registry", "skopeo")
 UNIT = "docker-registry"
 SYSTEM_USER = "docker-registry"  # made by the package; the unit runs as it
-STORAGE_DIR = "/var/lib/docker-registry"  # where the data disk is mounted
+STORAGE_DIR = data_dir("registry")  # blobs, on the data disk (phase 2 mounts it)
 CONFIG_DIR = "/etc/docker/registry"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yml"
 TLS_DIR = f"{CONFIG_DIR}/tls"

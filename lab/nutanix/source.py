@@ -25,6 +25,7 @@ class NutanixSource:
         self._http = httpx.Client(base_url=base_url, auth=(user, password), timeout=10.0,
                                   verify=ssl.create_default_context(cafile=str(ca_file)))
         self._nics: dict[str, list[dict[str, Any]]] = {}
+        self._vmm_version: str | None = None
 
     def close(self) -> None:
         self._http.close()
@@ -45,8 +46,29 @@ class NutanixSource:
                 cloud_init = (metadata, vm["user_data"])
             observed.append(ObservedVM(key=vm["ext_id"], name=vm["name"],
                                        powered_on=vm["power_state"] == "ON",
-                                       loader=partial(_given, cloud_init)))
+                                       loader=partial(_given, cloud_init),
+                                       disks_loader=partial(self._disks, vm["ext_id"])))
         return observed
+
+    def _disks(self, ext_id: str) -> tuple[int, ...]:
+        """The VM's disks in bytes through the v4 API, as the product reads them: the
+        image-cloned (boot) disk first, then by bus and index."""
+        if self._vmm_version is None:
+            info = self._http.request("OPTIONS", "/api/vmm/unversioned/info")
+            info.raise_for_status()
+            self._vmm_version = str(info.json()["data"])
+        response = self._http.get(f"/api/vmm/{self._vmm_version}/ahv/config/vms/{ext_id}")
+        response.raise_for_status()
+        disks = response.json()["data"].get("disks") or []
+
+        def order(disk: dict[str, Any]) -> tuple[int, str, int]:
+            source = (disk.get("backingInfo") or {}).get("dataSource")
+            address = disk.get("diskAddress") or {}
+            return (0 if source else 1, str(address.get("busType", "")),
+                    int(address.get("index", 0) or 0))
+
+        return tuple(int(d["backingInfo"]["diskSizeBytes"]) for d in sorted(disks, key=order)
+                     if (d.get("backingInfo") or {}).get("diskSizeBytes") is not None)
 
     def report_guest(self, vm: ObservedVM, ip: IPv4Address, hostname: str) -> None:
         """What AHV learns once the guest's network is up: its IP (on the NIC that asked for

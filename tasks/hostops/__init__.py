@@ -33,6 +33,8 @@ Operations (`tasks.hostops.ops`)::
     Sysctl(key, value, *, persist_file="/etc/sysctl.d/90-platform.conf")
     Service(name, *, enabled=True, running=True, restart_on=(), reload_on=())
     Command(command, *, unless=None, creates=None, on_change=(), name=None)
+    DataDisk(size_gb, *, mount="/srv/data", label="platform-data", fstype="ext4",
+             options="defaults,nofail")     # find or format the data disk, fstab, mount
 
 Files are written atomically: a candidate `.<name>.hostops-tmp` beside the live file gets
 its owner and mode, then the validator (`{path}` in it is the candidate: `sshd -t -f
@@ -75,9 +77,10 @@ Connections come from `blocks.ssh.SshIdentity.connect(host, known_host_keys, ...
 """
 
 from blocks.ssh import AuthenticationRefused, HostKeyMismatch, HostUnreachable, SshHostError
-from tasks.hostops.facts import Facts, Needs
+from tasks.hostops.facts import BlockDevice, Facts, Needs
 from tasks.hostops.ops import (
     Command,
+    DataDisk,
     Directory,
     File,
     Group,
@@ -109,8 +112,10 @@ from tasks.hostops.session import (
 
 __all__ = [
     "AuthenticationRefused",
+    "BlockDevice",
     "Command",
     "ConnectionPool",
+    "DataDisk",
     "Directory",
     "Facts",
     "File",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import json
 import re
 import shlex
 from collections.abc import Iterable
@@ -93,6 +94,35 @@ class ServiceState:
     active: str
 
 
+@dataclass(frozen=True)
+class BlockDevice:
+    """A block device as `lsblk` shows it (sizes in bytes; children: partitions, LVs...)."""
+
+    name: str
+    path: str
+    size: int
+    type: str  # disk, part, lvm, rom, loop...
+    fstype: str | None = None
+    label: str | None = None
+    mountpoint: str | None = None
+    children: tuple[BlockDevice, ...] = ()
+
+    def describe(self) -> str:
+        """`/dev/sdb (20 GiB, ext4 "x", mounted at /srv)`, for errors."""
+        size = f"{self.size / 2**30:g} GiB" if self.size % 2**20 == 0 else f"{self.size} bytes"
+        parts = [size, self.type] if self.type != "disk" else [size]
+        if self.fstype:
+            parts.append(self.fstype + (f" {self.label!r}" if self.label else ""))
+        if self.mountpoint:
+            parts.append(f"mounted at {self.mountpoint}")
+        if self.children:
+            parts.append(f"{len(self.children)} partition(s) or volume(s)")
+        return f"{self.path} ({', '.join(parts)})"
+
+
+LSBLK_COLUMNS = "NAME,PATH,SIZE,TYPE,FSTYPE,LABEL,MOUNTPOINT"
+
+
 @dataclass
 class Needs:
     """The facts a set of operations needs; merged across a host's operations."""
@@ -105,11 +135,13 @@ class Needs:
     services: set[str] = field(default_factory=set)  # full unit names
     sysctls: set[str] = field(default_factory=set)
     checks: set[str] = field(default_factory=set)  # shell commands: does it succeed?
+    block_devices: bool = False  # `lsblk` of every block device
 
     def merge(self, other: Needs) -> Needs:
         for name in ("files", "contents", "packages", "users", "groups", "services",
                      "sysctls", "checks"):
             getattr(self, name).update(getattr(other, name))
+        self.block_devices = self.block_devices or other.block_devices
         return self
 
     @classmethod
@@ -132,6 +164,7 @@ class Facts:
     services: dict[str, ServiceState] = field(default_factory=dict)
     sysctls: dict[str, str | None] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
+    block_devices: tuple[BlockDevice, ...] | None = None  # None: not probed
 
     def copy(self) -> Facts:
         return copy.deepcopy(self)
@@ -196,6 +229,8 @@ def probe_script(needs: Needs) -> str:
                                           " 2>/dev/null"))
     if needs.sysctls:
         parts.append(_section("sysctl", f"sysctl -- {_q(needs.sysctls)} 2>/dev/null"))
+    if needs.block_devices:
+        parts.append(_section("lsblk", f"lsblk -J -b -o {LSBLK_COLUMNS}"))
     for index, command in enumerate(sorted(needs.checks)):
         parts.append(f"if ( {command}\n) >/dev/null 2>&1; then r=0; else r=1; fi; "
                      f"printf '{MARK}\\tcheck\\t{index}\\t%s\\n' \"$r\"\n")
@@ -325,7 +360,42 @@ def parse_probe(output: str, needs: Needs) -> Facts:
         if index not in check_results:
             raise ProbeError(f"no result for the check {command!r}")
         facts.checks[command] = check_results[index]
+    if needs.block_devices:
+        facts.block_devices = parse_lsblk("\n".join(sections.get("lsblk", [])))
     return facts
+
+
+def parse_lsblk(text: str) -> tuple[BlockDevice, ...]:
+    """`lsblk -J -b -o LSBLK_COLUMNS` output as BlockDevices (sizes as numbers or strings,
+    as util-linux versions print them)."""
+    try:
+        data = json.loads(text)
+        return tuple(_block_device(item) for item in data["blockdevices"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ProbeError(f"unreadable lsblk output ({type(error).__name__}: {error}): "
+                         f"{text[:200]!r}") from None
+
+
+def _block_device(item: dict[str, object]) -> BlockDevice:
+    name = str(item["name"])
+    path = item.get("path") or f"/dev/{name}"
+    size = item.get("size")
+    children = item.get("children") or []
+    if not isinstance(children, list):
+        raise TypeError(f"children of {name} is not a list")
+    mountpoint = item.get("mountpoint")
+    points = item.get("mountpoints")
+    if mountpoint is None and isinstance(points, list):
+        mountpoint = next((m for m in points if m), None)
+    return BlockDevice(name=name, path=str(path), size=int(str(size)) if size is not None else 0,
+                       type=str(item.get("type") or ""),
+                       fstype=_optional(item.get("fstype")), label=_optional(item.get("label")),
+                       mountpoint=_optional(mountpoint),
+                       children=tuple(_block_device(child) for child in children))
+
+
+def _optional(value: object) -> str | None:
+    return None if value is None or value == "" else str(value)
 
 
 def _b64(text: str) -> bytes:

@@ -22,10 +22,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from sizing.storage import DATA_FSTYPE, DATA_LABEL, DATA_MOUNT
 from tasks.hostops.facts import (
     PACKAGE_RE,
     SYSCTL_RE,
     USER_RE,
+    BlockDevice,
     Facts,
     FileState,
     GroupState,
@@ -734,6 +736,189 @@ class Sysctl(Operation):
                            f" -> {self.value}")
             ctx.facts.sysctls[self.key] = self.value
         return Plan(self.id, tuple(steps), ", ".join(changes) or "ok", line.cleanup)
+
+
+GiB = 2**30
+_LABEL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,16}$")
+_FSTYPE_RE = re.compile(r"^[a-z0-9]{2,10}$")
+
+
+class DataDisk(Operation):
+    """A VM's data disk formatted, in /etc/fstab by label (nofail; systemd reloaded when the
+    line changes) and mounted at `mount`.
+
+    Because it formats disks, it is strict. A disk already carrying `label` is used as it
+    is (never formatted again). Otherwise the one candidate is formatted: a whole disk
+    (lsblk TYPE disk) with no partition, no file system or other signature, not mounted,
+    of exactly `size_gb` GiB (what the hypervisor was asked for). None or several
+    candidates is a PlanError naming every device seen, its size and why it was refused.
+    The format step checks again on the host, in the same shell step, just before
+    `mkfs` (block device, size, `wipefs -n`, `blkid -p`, not mounted): a disk used since
+    the probe is left alone. The mount step refuses a mount point that is already a mount
+    point or not empty (mounting would hide what is there).
+    """
+
+    def __init__(self, size_gb: int, *, mount: str = DATA_MOUNT, label: str = DATA_LABEL,
+                 fstype: str = DATA_FSTYPE, options: str = "defaults,nofail") -> None:
+        if not isinstance(size_gb, int) or size_gb < 1:
+            raise ValueError(f"not a disk size in GiB: {size_gb!r}")
+        if not _LABEL_RE.fullmatch(label):
+            raise ValueError(f"not a file system label (1-16 of A-Z a-z 0-9 _ . -): {label!r}")
+        if not _FSTYPE_RE.fullmatch(fstype):
+            raise ValueError(f"not a file system type: {fstype!r}")
+        if "nofail" not in options.split(","):
+            raise ValueError("a data disk's fstab options need nofail: a VM whose data disk "
+                             "is missing must still boot and be reachable")
+        if not re.fullmatch(r"[A-Za-z0-9_=,.-]+", options):
+            raise ValueError(f"not mount options: {options!r}")
+        self.size_gb = size_gb
+        self.mount = checked_path(mount)
+        if self.mount == "/":
+            raise ValueError("a data disk cannot be mounted at /")
+        self.label = label
+        self.fstype = fstype
+        self.options = options
+        self.fstab_line = f"LABEL={label} {self.mount} {fstype} {options} 0 2"
+        self._line = Line("/etc/fstab", self.fstab_line,
+                          regexp=rf"^\s*[^#\s]\S*\s+{re.escape(self.mount)}\s")
+        self.empty_check = f"test -z \"$(ls -A -- {q(self.mount)} 2>/dev/null)\""
+
+    @property
+    def id(self) -> str:
+        return f"data disk {self.mount}"
+
+    def needs(self) -> Needs:
+        return self._line.needs().merge(Needs(block_devices=True, checks={self.empty_check}))
+
+    def paths(self) -> tuple[str, ...]:
+        return ("/etc/fstab",)
+
+    def candidates(self, devices: Iterable[BlockDevice]
+                   ) -> tuple[list[BlockDevice], list[tuple[BlockDevice, str]]]:
+        """The disks that may be formatted, and every other device with why not."""
+        want = self.size_gb * GiB
+        ok: list[BlockDevice] = []
+        refused: list[tuple[BlockDevice, str]] = []
+        for device in devices:
+            reasons = []
+            if device.type != "disk":
+                reasons.append(f"not a whole disk (type {device.type or 'unknown'})")
+            if device.children:
+                reasons.append("has partitions or volumes")
+            if device.fstype:
+                reasons.append(f"carries a {device.fstype} signature")
+            if device.mountpoint:
+                reasons.append(f"mounted at {device.mountpoint}")
+            if device.size != want:
+                reasons.append(f"size {device.size} bytes, not {self.size_gb} GiB ({want})")
+            if reasons:
+                refused.append((device, "; ".join(reasons)))
+            else:
+                ok.append(device)
+        return ok, refused
+
+    def plan(self, ctx: PlanContext) -> Plan:
+        devices = ctx.facts.block_devices
+        if devices is None:
+            raise KeyError("no fact about block devices: the operation did not declare it")
+        everything = list(_walk(devices))
+        labelled = [d for d in everything if d.label == self.label]
+        if len(labelled) > 1:
+            raise PlanError(f"several devices carry the label {self.label}: "
+                            f"{', '.join(d.describe() for d in labelled)}; keep one")
+        elsewhere = [d for d in everything if d.mountpoint == self.mount
+                     and d.label != self.label]
+        if elsewhere:
+            raise PlanError(f"{self.mount} is already the mount point of "
+                            f"{elsewhere[0].describe()}, not of a disk labelled {self.label}")
+        steps: list[Step] = []
+        changes: list[str] = []
+        if labelled:
+            disk = labelled[0]
+            if disk.fstype != self.fstype:
+                raise PlanError(f"{disk.describe()} carries the label {self.label} but is not "
+                                f"{self.fstype}; not touching it")
+            if disk.mountpoint not in (None, self.mount):
+                raise PlanError(f"{disk.describe()} is mounted elsewhere than {self.mount}")
+        else:
+            found, refused = self.candidates(devices)
+            if len(found) != 1:
+                seen = "; ".join(f"{d.describe()}: {why}" for d, why in refused) or "none"
+                what = ("no disk" if not found else
+                        f"{len(found)} disks ({', '.join(d.path for d in found)})")
+                raise PlanError(
+                    f"{what} can be the {self.size_gb} GiB data disk for {self.mount} (a whole "
+                    f"disk of exactly {self.size_gb} GiB, no partition, no file system or "
+                    f"signature, not mounted); refused: {seen}")
+            disk = found[0]
+            steps.append(Step("format", self._format(disk)))
+            changes.append(f"{disk.path} formatted {self.fstype} {self.label}")
+        line = self._line.plan(ctx)
+        steps += line.steps
+        if line.changed:
+            changes.append(f"/etc/fstab {line.detail}")
+            # systemd makes its mount units from fstab: let it see the new line.
+            steps.append(Step("daemon-reload", "systemctl daemon-reload"))
+        if disk.mountpoint != self.mount:
+            if not ctx.facts.checks.get(self.empty_check, True):
+                raise PlanError(f"{self.mount} is not empty: mounting {disk.path} there would "
+                                "hide its content; move it away first")
+            steps.append(Step("mount", self._mount(disk)))
+            changes.append(f"mounted at {self.mount}")
+        mounted = BlockDevice(disk.name, disk.path, disk.size, disk.type, self.fstype,
+                              self.label, self.mount, disk.children)
+        ctx.facts.block_devices = tuple(_replace(devices, disk, mounted))
+        detail = ", ".join(changes) if changes else f"ok ({disk.path})"
+        return Plan(self.id, tuple(steps), detail, line.cleanup)
+
+    def _format(self, disk: BlockDevice) -> str:
+        """mkfs, after checking on the host that the disk is still unused (same step)."""
+        d = q(checked_path(disk.path))
+        want = self.size_gb * GiB
+        why = f"{disk.path}: not formatting it, "
+        return "\n".join([
+            f"[ -b {d} ] || {_fail(why + 'no longer a block device')}",
+            f"s=$(blockdev --getsize64 {d}) || exit 1",
+            f'[ "$s" = {want} ] || {{ echo {q(why + "its size is")} "$s" bytes; exit 1; }}',
+            f"w=$(wipefs -n {d}) || exit 1",
+            f'[ -z "$w" ] || {{ echo {q(why + "wipefs -n finds a signature:")}; '
+            'echo "$w"; exit 1; }',
+            f"r=0; blkid -p {d} >/dev/null 2>&1 || r=$?",
+            f'[ "$r" -eq 2 ] || {{ echo {q(why + "blkid -p finds something:")}; '
+            f"blkid -p {d}; exit 1; }}",
+            f"! findmnt -rn -S {d} >/dev/null || {_fail(why + 'it is mounted')}",
+            f"mkfs.{self.fstype} -q -L {q(self.label)} {d}",
+        ])
+
+    def _mount(self, disk: BlockDevice) -> str:
+        m = q(self.mount)
+        return "\n".join([
+            f"mkdir -p -- {m}",
+            f"! mountpoint -q -- {m} || {_fail(self.mount + ' is a mount point already')}",
+            f'[ -z "$(ls -A -- {m})" ] || {_fail(self.mount + " is not empty")}',
+            f"mount -t {self.fstype} -o {q(self.options)} -- {q(disk.path)} {m}",
+        ])
+
+
+def _fail(message: str) -> str:
+    return f"{{ echo {q(message)}; exit 1; }}"
+
+
+def _walk(devices: Iterable[BlockDevice]) -> Iterable[BlockDevice]:
+    for device in devices:
+        yield device
+        yield from _walk(device.children)
+
+
+def _replace(devices: Iterable[BlockDevice], old: BlockDevice,
+             new: BlockDevice) -> Iterable[BlockDevice]:
+    for device in devices:
+        if device == old:
+            yield new
+        else:
+            yield BlockDevice(device.name, device.path, device.size, device.type,
+                              device.fstype, device.label, device.mountpoint,
+                              tuple(_replace(device.children, old, new)))
 
 
 def _ref(op: Operation | str) -> str:

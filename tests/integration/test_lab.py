@@ -60,6 +60,11 @@ def _leftovers(state: Path) -> list[str]:
                 found.append(f"process {pid} {cmdline[:80]!r}")
     mounts = Path("/proc/self/mountinfo").read_text()
     found += [f"mount {line.split()[4]}" for line in mounts.splitlines() if str(state) in line]
+    loops = json.loads(subprocess.run(["losetup", "--list", "--json", "--output",
+                                       "NAME,BACK-FILE"], capture_output=True, text=True,
+                                      check=True).stdout or '{"loopdevices": []}')
+    found += [f"loop device {loop['name']} on {loop['back-file']}"
+              for loop in loops["loopdevices"] if str(state) in str(loop.get("back-file"))]
     if state.exists():
         found.append(f"directory {state}")
     return found

@@ -14,6 +14,7 @@ import grp
 import hashlib
 import os
 import pickle
+import stat
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +34,7 @@ from blocks.ssh import (
 )
 from tasks.hostops import (
     Command,
+    DataDisk,
     Directory,
     File,
     Group,
@@ -52,6 +54,7 @@ from tasks.hostops import (
 )
 from tasks.hostops import ops as ops_module
 from tasks.hostops.facts import (
+    BlockDevice,
     Facts,
     FileState,
     GroupState,
@@ -887,3 +890,194 @@ def test_require_all_lists_every_failed_host() -> None:
     assert str(caught.value) == ("2 host(s) failed:\n- db-01: file /etc/x: validate failed: bad\n"
                                  "- lb-01: SSH connect failed: no route")
     assert sorted(caught.value.errors) == ["db-01", "lb-01"]
+
+
+# -- DataDisk ---------------------------------------------------------------------------------
+
+GIB = 2**30
+FSTAB = b"# /etc/fstab\nUUID=abc / ext4 errors=remount-ro 0 1\n"
+OS_DISK = BlockDevice("sda", "/dev/sda", 40 * GIB, "disk", children=(
+    BlockDevice("sda1", "/dev/sda1", 40 * GIB - 2**20, "part", "ext4", None, "/"),))
+
+
+def _disk_facts(*devices: BlockDevice, fstab: bytes = FSTAB, empty: bool = True) -> Facts:
+    op = DataDisk(20)
+    return Facts(files={"/etc/fstab": file_state(fstab)}, block_devices=(OS_DISK, *devices),
+                 checks={op.empty_check: empty})
+
+
+def test_data_disk_probes_lsblk_once_with_the_other_facts() -> None:
+    needs = Needs.union(op.needs() for op in [DataDisk(20), File("/etc/a", "x")])
+    script = probe_script(needs)
+    assert needs.block_devices and script.count("lsblk -J -b -o "
+                                                "NAME,PATH,SIZE,TYPE,FSTYPE,LABEL,MOUNTPOINT") == 1
+    assert "lsblk" not in probe_script(Needs(files={"/etc/a"}))
+    lsblk = ('{"blockdevices": [{"name": "sda", "path": "/dev/sda", "size": 42949672960, '
+             '"type": "disk", "fstype": null, "label": null, "mountpoint": null, "children": ['
+             '{"name": "sda1", "path": "/dev/sda1", "size": "42948624384", "type": "part", '
+             '"fstype": "ext4", "label": "", "mountpoint": "/"}]},'
+             '{"name": "sdb", "path": "/dev/sdb", "size": 21474836480, "type": "disk", '
+             '"fstype": "ext4", "label": "platform-data", "mountpoints": [null, "/srv/data"]}]}')
+    facts = parse_probe(_report("hostops\tbegin\tlsblk", *lsblk.replace("},", "},\n").split("\n"),
+                                "hostops\tend\tlsblk"), Needs(block_devices=True))
+    assert facts.block_devices is not None
+    sda, sdb = facts.block_devices
+    assert sda.children[0] == BlockDevice("sda1", "/dev/sda1", 42948624384, "part", "ext4",
+                                          None, "/")
+    assert sdb == BlockDevice("sdb", "/dev/sdb", 20 * GIB, "disk", "ext4", "platform-data",
+                              "/srv/data")
+    with pytest.raises(ProbeError, match="unreadable lsblk output"):
+        parse_probe(_report("hostops\tbegin\tlsblk", "lsblk: command not found",
+                            "hostops\tend\tlsblk"), Needs(block_devices=True))
+
+
+def test_data_disk_formats_the_one_empty_disk_of_the_size() -> None:
+    empty = BlockDevice("sdb", "/dev/sdb", 20 * GIB, "disk")
+    other = BlockDevice("sdc", "/dev/sdc", 30 * GIB, "disk")
+    plan = plan_one(DataDisk(20), _disk_facts(empty, other))
+    assert names(plan)[0] == "format" and names(plan)[-1] == "mount"
+    fmt = plan.steps[0].command
+    assert fmt.endswith("mkfs.ext4 -q -L platform-data /dev/sdb")
+    # Re-checked on the host in the same step, before mkfs.
+    for check in ("[ -b /dev/sdb ]", "blockdev --getsize64 /dev/sdb", f'= {20 * GIB} ]',
+                  "wipefs -n /dev/sdb", "blkid -p /dev/sdb", "findmnt -rn -S /dev/sdb"):
+        assert check in fmt.split("mkfs")[0], check
+    line = next(step for step in plan.steps if step.stdin is not None)
+    assert line.stdin == FSTAB + b"LABEL=platform-data /srv/data ext4 defaults,nofail 0 2\n"
+    assert names(plan)[-2:] == ["daemon-reload", "mount"]
+    assert "mount -t ext4 -o defaults,nofail -- /dev/sdb /srv/data" in plan.steps[-1].command
+    assert "! mountpoint -q -- /srv/data" in plan.steps[-1].command
+    assert plan.detail == ("/dev/sdb formatted ext4 platform-data, /etc/fstab line appended, "
+                           "mounted at /srv/data")
+
+
+def test_data_disk_refuses_every_doubtful_disk_and_names_them() -> None:
+    refused = [
+        BlockDevice("sdb", "/dev/sdb", 20 * GIB, "disk", "xfs", "backup"),
+        BlockDevice("sdc", "/dev/sdc", 20 * GIB, "disk", children=(
+            BlockDevice("sdc1", "/dev/sdc1", 20 * GIB - 2**20, "part"),)),
+        BlockDevice("sdd", "/dev/sdd", 20 * GIB, "disk", mountpoint="/mnt"),
+        BlockDevice("sde", "/dev/sde", 21 * GIB, "disk"),
+        BlockDevice("sdf", "/dev/sdf", 20 * GIB - 512, "disk"),
+        BlockDevice("loop0", "/dev/loop0", 20 * GIB, "loop"),
+        BlockDevice("sdg", "/dev/sdg", 20 * GIB, "disk", "LVM2_member"),
+    ]
+    with pytest.raises(PlanError) as caught:
+        plan_one(DataDisk(20), _disk_facts(*refused))
+    message = str(caught.value)
+    assert message.startswith("no disk can be the 20 GiB data disk for /srv/data")
+    for expected in ("/dev/sda (40 GiB, 1 partition(s) or volume(s)): has partitions",
+                     "/dev/sdb (20 GiB, xfs 'backup'): carries a xfs signature",
+                     "/dev/sdc (20 GiB, 1 partition(s) or volume(s)): has partitions",
+                     "/dev/sdd (20 GiB, mounted at /mnt): mounted at /mnt",
+                     f"/dev/sde (21 GiB): size {21 * GIB} bytes, not 20 GiB",
+                     f"/dev/sdf ({20 * GIB - 512} bytes): size",
+                     "/dev/loop0 (20 GiB, loop): not a whole disk (type loop)",
+                     "carries a LVM2_member signature"):
+        assert expected in message, expected
+    two = [BlockDevice("sdb", "/dev/sdb", 20 * GIB, "disk"),
+           BlockDevice("sdc", "/dev/sdc", 20 * GIB, "disk")]
+    with pytest.raises(PlanError, match=r"2 disks \(/dev/sdb, /dev/sdc\) can be the 20 GiB"):
+        plan_one(DataDisk(20), _disk_facts(*two))
+
+
+def test_data_disk_reuses_its_labelled_disk_and_never_formats_it() -> None:
+    labelled = BlockDevice("sdc", "/dev/sdc", 25 * GIB, "disk", "ext4", "platform-data")
+    blank = BlockDevice("sdb", "/dev/sdb", 20 * GIB, "disk")
+    plan = plan_one(DataDisk(20), _disk_facts(blank, labelled))  # grown: still the one
+    assert "format" not in names(plan) and names(plan)[-1] == "mount"
+    assert "-- /dev/sdc /srv/data" in plan.steps[-1].command
+    fstab = FSTAB + b"LABEL=platform-data /srv/data ext4 defaults,nofail 0 2\n"
+    mounted = BlockDevice("sdc", "/dev/sdc", 25 * GIB, "disk", "ext4", "platform-data",
+                          "/srv/data")
+    done = plan_one(DataDisk(20), _disk_facts(blank, mounted, fstab=fstab, empty=False))
+    assert not done.changed and done.detail == "ok (/dev/sdc)"
+    # An old entry for the mount point is replaced, not duplicated.
+    old = FSTAB + b"/dev/sdb /srv/data ext4 defaults 0 2\n"
+    fixed = plan_one(DataDisk(20), _disk_facts(mounted, fstab=old))
+    assert names(fixed) and "mount" not in names(fixed)
+    assert [s.stdin for s in fixed.steps if s.stdin] == [fstab]
+    with pytest.raises(PlanError, match="carries the label platform-data but is not ext4"):
+        plan_one(DataDisk(20), _disk_facts(BlockDevice("sdb", "/dev/sdb", 20 * GIB, "disk",
+                                                       "xfs", "platform-data")))
+    with pytest.raises(PlanError, match="several devices carry the label platform-data"):
+        plan_one(DataDisk(20), _disk_facts(labelled, BlockDevice(
+            "sdd", "/dev/sdd", 20 * GIB, "disk", "ext4", "platform-data")))
+    with pytest.raises(PlanError, match="mounted elsewhere than /srv/data"):
+        plan_one(DataDisk(20), _disk_facts(BlockDevice(
+            "sdb", "/dev/sdb", 20 * GIB, "disk", "ext4", "platform-data", "/mnt")))
+    with pytest.raises(PlanError, match="/srv/data is already the mount point of /dev/sdd"):
+        plan_one(DataDisk(20), _disk_facts(blank, BlockDevice(
+            "sdd", "/dev/sdd", 5 * GIB, "disk", "ext4", None, "/srv/data")))
+    with pytest.raises(PlanError, match="/srv/data is not empty"):
+        plan_one(DataDisk(20), _disk_facts(labelled, empty=False))
+
+
+def test_data_disk_second_plan_in_a_run_sees_the_first() -> None:
+    facts = _disk_facts(BlockDevice("sdb", "/dev/sdb", 20 * GIB, "disk"))
+    plans = plan_all([DataDisk(20), Directory("/srv/data/vault")],
+                     Facts(files={**facts.files, "/srv/data/vault": None},
+                           block_devices=facts.block_devices, checks=facts.checks))
+    assert plans[0].changed and plans[1].changed
+    ctx = PlanContext(facts.copy())
+    DataDisk(20).plan(ctx)
+    again = DataDisk(20).plan(ctx)  # the working copy now has it formatted and mounted
+    assert not again.changed
+
+
+def test_data_disk_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="disk size"):
+        DataDisk(0)
+    with pytest.raises(ValueError, match="label"):
+        DataDisk(20, label="a label much too long")
+    with pytest.raises(ValueError, match="nofail"):
+        DataDisk(20, options="defaults")
+    with pytest.raises(ValueError, match="cannot be mounted at /"):
+        DataDisk(20, mount="/")
+    with pytest.raises(KeyError):
+        plan_one(DataDisk(20), Facts(files={"/etc/fstab": file_state(FSTAB)}))
+
+
+def _format_step_on(tmp_path: Path, *, size: int, wipefs: str, blkid_rc: int,
+                    mounted: bool) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """The format step run by /bin/sh with every tool a stub in an otherwise empty PATH:
+    the real blockdev/wipefs/blkid/mkfs cannot be reached, so no disk can be touched."""
+    device = next((entry.path for entry in os.scandir("/dev") if entry.name != "loop-control"
+                   and stat.S_ISBLK(os.stat(entry.path).st_mode)), None)
+    if device is None:
+        pytest.skip("no block device node on this machine to stand for the disk")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    log = tmp_path / "mkfs.log"
+    stubs = {"blockdev": f"echo {size}", "wipefs": f"printf '%s' '{wipefs}'",
+             "blkid": f"exit {blkid_rc}", "findmnt": "exit 0" if mounted else "exit 1",
+             "mkfs.ext4": f'echo "$@" >> {log}'}
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    op = DataDisk(20)
+    disk = BlockDevice(os.path.basename(device), device, 20 * GIB, "disk")
+    command = op._format(disk)
+    proc = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True,
+                          env={"PATH": str(bin_dir)}, check=False)
+    return proc, log
+
+
+def test_data_disk_format_step_checks_again_before_mkfs(tmp_path: Path) -> None:
+    ok, log = _format_step_on(tmp_path / "ok", size=20 * GIB, wipefs="", blkid_rc=2,
+                              mounted=False)
+    assert ok.returncode == 0 and log.read_text().startswith("-q -L platform-data /dev/")
+    cases = {
+        "size": dict(size=21 * GIB, wipefs="", blkid_rc=2, mounted=False),
+        "wipefs": dict(size=20 * GIB, wipefs="DEVICE OFFSET TYPE\nsdb 0x438 ext4", blkid_rc=2,
+                       mounted=False),
+        "blkid": dict(size=20 * GIB, wipefs="", blkid_rc=0, mounted=False),
+        "mounted": dict(size=20 * GIB, wipefs="", blkid_rc=2, mounted=True),
+    }
+    messages = {"size": f"its size is {21 * GIB} bytes", "wipefs": "wipefs -n finds a signature",
+                "blkid": "blkid -p finds something", "mounted": "it is mounted"}
+    for name, kwargs in cases.items():
+        proc, log = _format_step_on(tmp_path / name, **kwargs)  # type: ignore[arg-type]
+        assert proc.returncode != 0, name
+        assert "not formatting it" in proc.stdout and messages[name] in proc.stdout, proc.stdout
+        assert not log.exists(), f"{name}: mkfs ran"

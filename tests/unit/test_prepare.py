@@ -87,3 +87,14 @@ def test_bootstrap_removal(lab_spec: PlatformSpec) -> None:
     ids = [op.id for op in bootstrap_removal(lab_spec)]
     assert ids == ["command wait for the sessions of debian to end", "user absent debian",
                    "command remove the bootstrap user's sudo rule"]
+
+
+def test_data_disk_only_where_the_vm_has_one(lab_spec: PlatformSpec) -> None:
+    from tasks.hostops import DataDisk
+
+    def disks(vm: str) -> list[int]:
+        return [op.size_gb for op in _ops(lab_spec, vm).values() if isinstance(op, DataDisk)]
+
+    assert disks("lab-vault-01") == [20]
+    assert disks("lab-gitops-01") == [300]
+    assert disks("lab-lblan-01") == []

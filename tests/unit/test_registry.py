@@ -168,7 +168,7 @@ def test_files_modes_and_secrets(lab_spec: PlatformSpec, tls: RegistryTls) -> No
     assert config["http"]["addr"] == ":5000"
     assert config["http"]["tls"] == {"certificate": CERT_FILE, "key": KEY_FILE}
     assert config["auth"]["htpasswd"]["path"] == HTPASSWD_FILE
-    assert config["storage"]["filesystem"]["rootdirectory"] == "/var/lib/docker-registry"
+    assert config["storage"]["filesystem"]["rootdirectory"] == "/srv/data/registry"
     assert config["storage"]["delete"] == {"enabled": False}
 
     service = ops["service docker-registry.service"]
