@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from hvac import exceptions as hvac_errors
 from prefect import get_run_logger, task
 from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
@@ -41,6 +42,7 @@ from prefect.cache_policies import NO_CACHE
 from blocks.vault import VaultAuthError, VaultServer, VaultUnavailable, ca_file
 from sizing.inventory import VM, Inventory
 from sizing.spec import PlatformSpec
+from sizing.storage import data_dir
 from sizing.tiers import Role
 from tasks import host_keys, pki
 from tasks.artifacts import install_binary
@@ -69,7 +71,7 @@ CONFIG = "/etc/vault.d/vault.hcl"
 TLS_DIR = "/etc/vault.d/tls"
 CERT_FILE = f"{TLS_DIR}/vault.crt"
 KEY_FILE = f"{TLS_DIR}/vault.key"
-DATA_DIR = "/var/lib/vault/data"
+DATA_DIR = data_dir("vault")  # raft, on the data disk (phase 2 mounts it)
 UNIT = "/etc/systemd/system/vault.service"
 
 KV_MOUNT = "platform"
@@ -342,6 +344,7 @@ def unseal(client: hvac.Client, spec: PlatformSpec, name: str,
         if status["sealed"]:
             raise VaultError(f"{name}: Vault is still sealed after {spec.vault.threshold} "
                              "stored shares: they belong to another initialisation")
+        wait_until_active(client, name)
         logger.info("%s: Vault unsealed with the stored shares", name)
         return True
     deadline = time.monotonic() + wait_seconds
@@ -358,8 +361,25 @@ def unseal(client: hvac.Client, spec: PlatformSpec, name: str,
                              f"{progress} of {spec.vault.threshold} shares entered")
         time.sleep(2.0)
         status = client.sys.read_seal_status()
+    wait_until_active(client, name)
     logger.info("%s: the operators unsealed Vault", name)
     return True
+
+
+def wait_until_active(client: hvac.Client, name: str, timeout: float = 60.0) -> None:
+    """Unsealed is not yet serving: raft elects the node leader a moment later, and until
+    then every request fails with "active cluster node not found"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.sys.read_leader_status().get("is_self"):
+                return
+        except (hvac_errors.VaultDown, hvac_errors.InternalServerError):
+            pass  # still settling
+        if time.monotonic() > deadline:
+            raise VaultUnavailable(f"{name}: Vault is unsealed but no node became active "
+                                   f"within {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 @task(name="unseal-vault", retries=2, retry_delay_seconds=[5, 15],
@@ -457,7 +477,7 @@ def _ensure_pki(client: hvac.Client, spec: PlatformSpec, vm: VM, changes: list[s
             "max_ttl": pki.SERVICE_TTL, "allowed_other_sans": [], "allow_any_name": False}
     try:
         existing = client.secrets.pki.read_role(pki.PKI_ROLE, mount_point=pki.PKI_MOUNT)["data"]
-    except Exception:  # hvac.exceptions.InvalidPath: no such role
+    except hvac_errors.InvalidPath:  # no such role yet
         existing = None
     if existing is None or any(_role_value(existing.get(k)) != _role_value(v)
                                for k, v in role.items() if k in existing):
@@ -477,7 +497,7 @@ def _role_value(value: Any) -> Any:
 def _ensure_policy(client: hvac.Client, changes: list[str]) -> None:
     try:
         current = client.sys.read_policy(POLICY)["data"]["rules"]
-    except Exception:  # InvalidPath: no such policy
+    except hvac_errors.InvalidPath:  # no such policy yet
         current = None
     if current != ORCHESTRATOR_POLICY:
         client.sys.create_or_update_policy(POLICY, ORCHESTRATOR_POLICY)
@@ -493,7 +513,7 @@ def _ensure_approle(client: hvac.Client, changes: list[str]) -> None:
               "secret_id_ttl": 0, "secret_id_num_uses": 0}
     try:
         current = client.auth.approle.read_role(APPROLE_ROLE, mount_point=APPROLE_MOUNT)["data"]
-    except Exception:  # InvalidPath: no such role
+    except hvac_errors.InvalidPath:  # no such role yet
         current = None
     if current is None or any(_role_value(current.get(k)) != _role_value(v)
                               for k, v in wanted.items()):
