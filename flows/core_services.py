@@ -27,6 +27,9 @@ from tasks.vault import (
 _POOL: Any = ThreadPoolTaskRunner(max_workers=16)
 IMAGES_FILE = "images.txt"
 _BALANCERS = (Role.LBLAN, Role.LBDMZ, Role.LBINTEGRATION)
+# Artifact key -> the services (table rows) it shows.
+_ARTIFACTS = {"vault": ("vault", "vault-config"), "registry": ("registry",),
+              "load-balancers": ("load-balancer",), "gogs": ("gogs",)}
 
 
 @flow(name="core-services", task_runner=_POOL)
@@ -65,18 +68,20 @@ def core_services(spec_path: str = DEFAULT_SPEC, plan_only: bool = False,
                               "unsealed" if unsealed["unsealed"] else "") if part)
         rows.append(configure_vault(spec, inventory, pool))
 
-        futures = {"registry": ensure_registry.submit(spec, inventory, pool,
-                                                           str(images_path)),
-                   "gogs": ensure_gogs.submit(spec, inventory, pool)}
+        gitops = inventory.of_role(Role.GITOPS)[0].name
+        futures = {("registry", gitops): ensure_registry.submit(spec, inventory, pool,
+                                                                 str(images_path)),
+                   ("gogs", gitops): ensure_gogs.submit(spec, inventory, pool)}
         for role in _BALANCERS:
             for vm in inventory.of_role(role):
-                futures[vm.name] = ensure_load_balancer.submit(spec, inventory, vm.name, pool)
-        for name, future in futures.items():
+                futures[("load-balancer", vm.name)] = ensure_load_balancer.submit(
+                    spec, inventory, vm.name, pool)
+        for (service, host), future in futures.items():
             try:
                 rows.append(future.result())
             except Exception as error:
-                failures[name] = error
-                rows.append({"service": name, "host": "", "endpoint": "", "version": "",
+                failures[f"{service} on {host}"] = error
+                rows.append({"service": service, "host": host, "endpoint": "", "version": "",
                              "changed": f"FAILED: {str(error).splitlines()[0]}",
                              "seconds": None})
 
@@ -85,12 +90,19 @@ def core_services(spec_path: str = DEFAULT_SPEC, plan_only: bool = False,
             "changed" if row["changed"] else "unchanged"
     counts = {action: sum(1 for row in rows if row["action"] == action)
               for action in ("changed", "unchanged", "failed")}
+    columns = ("service", "host", "endpoint", "version", "action", "changed", "seconds")
     create_table_artifact(
         key="phase-3-core-services",
-        table=[{key: row[key] for key in ("service", "host", "endpoint", "version", "action",
-                                          "changed", "seconds")} for row in rows],
+        table=[{key: row[key] for key in columns} for row in rows],
         description="Phase 3, core services: " +
                     ", ".join(f"{n} {a}" for a, n in counts.items()))
+    # One table per service too, so each has its own page in the UI.
+    for key, services in _ARTIFACTS.items():
+        mine = [{k: row[k] for k in columns} for row in rows if row["service"] in services]
+        create_table_artifact(
+            key=f"phase-3-{key}", table=mine,
+            description=f"Phase 3, {key}: " + ", ".join(
+                f"{row['host']} {row['action']}" for row in mine))
     if failures:
         raise PhaseFailed(f"phase 3: {len(failures)} services failed:\n" + "\n".join(
             f"  {name}: {error}" for name, error in failures.items()))

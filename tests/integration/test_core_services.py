@@ -81,6 +81,8 @@ def test_second_run_changes_nothing(lab: Lab) -> None:
     assert {row["service"] for row in table} >= {"vault", "vault-config", "registry", "gogs"}
     assert sum(1 for row in table if row["service"] == "load-balancer") == 6
     assert all(row["action"] == "changed" for row in table), table
+    for key, rows in (("vault", 2), ("registry", 1), ("load-balancers", 6), ("gogs", 1)):
+        assert len(json.loads(_artifact(f"phase-3-{key}").data)) == rows, key
 
     again = core_services(spec_path=str(LAB_SPEC))
     assert again.changed == 0 and again.unchanged == len(table)
