@@ -58,7 +58,7 @@ def test_entries_comments_and_blank_lines() -> None:
     ("-lab/hello:1@" + D1, "is not a repository name"),
     ("busybox:.hidden@" + D1, "is not a tag"),
     ("busybox:" + "t" * 129 + "@" + D1, "is not a tag"),
-    ("docker.io/library/busybox:1@" + D1, "names a registry host"),
+    ("images.ministry.example/library/busybox:1@" + D1, "names a registry host"),
     ("registry:5000/busybox:1@" + D1, "names a registry host"),
     ("localhost/busybox:1@" + D1, "names a registry host"),
     (f"busybox:1@{D1} busybox:2@{D2}", "one image per line; found 2 words"),
