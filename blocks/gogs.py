@@ -367,6 +367,36 @@ class GogsServer(Block):
                                        content_type=content_type, replace=replace)
 
     @staticmethod
+    def wait_until_serving(url: str, ca_bundle: str, timeout: float = 60.0) -> None:
+        """Return once Gogs answers HTTP at ``url`` (any status); ConnectionError after
+        ``timeout`` seconds without an answer."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                httpx.get(f"{url.rstrip('/')}/api/v1/version",
+                          verify=tls_verify(True, ca_bundle), timeout=5.0)
+                return
+            except httpx.TransportError as error:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"Gogs does not answer on {url} after "
+                                          f"{timeout:.0f} s ({type(error).__name__})") from None
+                time.sleep(0.5)
+
+    @staticmethod
+    def password_works(url: str, user: str, password: str, ca_bundle: str) -> bool:
+        """Whether ``user`` exists with ``password`` (Gogs takes a password only on its
+        token routes: 200 there, 401 otherwise); 5xx is a TransientGogsError."""
+        path = f"/api/v1/users/{_seg(user)}/tokens"
+        response = httpx.get(f"{url.rstrip('/')}{path}", auth=(user, password),
+                             verify=tls_verify(True, ca_bundle), timeout=10.0)
+        if response.status_code >= 500:
+            raise TransientGogsError(path, response.status_code, gogs_message(response),
+                                     server=url)
+        return response.status_code == 200
+
+    @staticmethod
     def create_token(url: str, user: str, password: SecretStr | str, name: str,
                      ca_bundle: str | None = None, verify: bool = True,
                      timeout: float = DEFAULT_TIMEOUT) -> SecretStr:

@@ -48,6 +48,14 @@ def ca_file(pem: str) -> str:
     return str(path)
 
 
+def anonymous_client(address: str, ca_pem: str, timeout: float = 30.0) -> hvac.Client:
+    """A client without a token, verifying Vault with ``ca_pem``: what phase 3 uses before
+    the block exists (init, unseal, health)."""
+    import hvac
+
+    return hvac.Client(url=address, verify=ca_file(ca_pem), timeout=timeout)
+
+
 class VaultServer(Block):
     """Vault (or OpenBao) address, the CA that signs its certificate, and an AppRole or a
     token for the orchestrator."""

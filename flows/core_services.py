@@ -9,13 +9,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import PhaseFailed, PhaseResult, publish_plan, start_phase
-from sizing.images import read_images
 from sizing.tiers import Role
 from tasks.gogs import ensure_gogs
 from tasks.load_balancers import ensure_load_balancer
 from tasks.prepare import ssh_pool
 from tasks.registry import ensure_registry
-from tasks.spec import DEFAULT_SPEC, resolve_spec_path
+from tasks.spec import DEFAULT_SPEC, read_images, resolve_spec_path
 from tasks.vault import (
     OPERATOR_WAIT_SECONDS,
     configure_vault,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 # The distribution reference grammar: lowercase path components joined by separators.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -95,13 +94,3 @@ def parse_images(text: str, source: str = "<images>") -> list[Image]:
     return images
 
 
-def read_images(path: str | Path) -> list[Image]:
-    """The images list at `path` (a missing or unreadable file says so, naming it)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ImageListError(f"{path}: no such images list") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ImageListError(f"{path}: cannot read the images list: {error}") from None
-    return parse_images(text, str(path))

@@ -10,11 +10,9 @@ half stays in Vault.
 
 from __future__ import annotations
 
-import ssl
 import time
 from typing import cast
 
-import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from prefect import get_run_logger, task
@@ -76,11 +74,6 @@ def api_url(vm: VM) -> str:
     return f"https://{vm.ip}:{PORT}"
 
 
-def clone_url(spec: PlatformSpec, vm: VM) -> str:
-    """What Argo CD clones with its deploy key."""
-    return f"ssh://{RUN_USER}@{vm.name}.{spec.domain}/{ORG}/{REPO}.git"
-
-
 def names(spec: PlatformSpec, vm: VM) -> tuple[list[str], list[str]]:
     return [f"{vm.name}.{spec.domain}", f"gogs.{spec.domain}"], [str(vm.ip)]
 
@@ -122,36 +115,11 @@ def host_operations(spec: PlatformSpec, vm: VM, secret_key: str,
     return ops
 
 
-def _trust(ca: str) -> ssl.SSLContext:
-    return ssl.create_default_context(cadata=ca)
-
-
-def _wait_for_api(url: str, ca: str, name: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            httpx.get(f"{url}/api/v1/users/{ADMIN_USER}", verify=_trust(ca), timeout=5.0)
-            return
-        except httpx.TransportError as error:
-            if time.monotonic() > deadline:
-                raise ConnectionError(f"{name}: Gogs does not answer on {url} after "
-                                      f"{timeout:.0f} s ({type(error).__name__}); see "
-                                      "`systemctl status gogs` on the host") from None
-            time.sleep(0.5)
-
-
 def _ensure_admin(session: HostSession, url: str, ca: str, admin: dict[str, str],
                   vm: VM) -> bool:
     """The admin user, created with Gogs' CLI (on the host) the first time."""
-    # Gogs takes a password (Basic) on its token routes only: 200 there = the admin exists
-    # and the password in Vault is right.
-    response = httpx.get(f"{url}/api/v1/users/{admin['user']}/tokens",
-                         auth=(admin["user"], admin["password"]), verify=_trust(ca),
-                         timeout=10.0)
-    if response.status_code == 200:
+    if GogsServer.password_works(url, admin["user"], admin["password"], ca):
         return False
-    if response.status_code >= 500:
-        raise ConnectionError(f"{vm.name}: Gogs answered HTTP {response.status_code}")
     # The password travels inside the script on SSH's standard input, never as an argument
     # on the orchestrator's side; results and errors below never quote the script.
     script = (f"cd {DATA_DIR} && sudo -u {RUN_USER} -H {BINARY} admin create-user "
@@ -190,12 +158,16 @@ def ensure_gogs(spec: PlatformSpec, inventory: Inventory,
                                                    "secret_key": password(40)})
     session = pool.session(admin_target(spec, vm))
     dns, ips = names(spec, vm)
-    tls = pki.renewal(vault, read_host_file(session, CERT_FILE), dns[0], dns, ips)
+    ca = pki.root_certificate(vault)
+    tls = pki.renewal(vault, ca, read_host_file(session, CERT_FILE), dns[0], dns, ips)
     report = session.run(host_operations(spec, vm, admin["secret_key"], tls))
     changes = list(report.changed)
-    ca = pki.root_certificate(vault)
     url = api_url(vm)
-    _wait_for_api(url, ca, vm.name)
+    try:
+        GogsServer.wait_until_serving(url, ca)
+    except ConnectionError as error:
+        raise ConnectionError(f"{vm.name}: {error}; see `systemctl status gogs` on the "
+                              "host") from None
     if _ensure_admin(session, url, ca, admin, vm):
         changes.append(f"admin {ADMIN_USER}")
 

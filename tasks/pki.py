@@ -42,10 +42,6 @@ class TlsBundle:
     private_key: str = field(repr=False)
     ca: str
 
-    @property
-    def fullchain(self) -> str:
-        return self.certificate
-
 
 def _names(cert: x509.Certificate) -> tuple[set[str], set[str]]:
     try:
@@ -123,9 +119,10 @@ def bootstrap_certificate(common_name: str, dns_names: Sequence[str],
     return TlsBundle(certificate=pem, private_key=key_pem, ca=pem)
 
 
-def issue(client: hvac.Client, common_name: str, dns_names: Sequence[str],
+def issue(client: hvac.Client, root: str, common_name: str, dns_names: Sequence[str],
           ip_addresses: Sequence[str], *, ttl: str = SERVICE_TTL) -> TlsBundle:
-    """A new certificate from the platform's intermediate CA."""
+    """A new certificate from the platform's intermediate CA (``root``: the root CA's
+    PEM, left out of the chain the service sends)."""
     data: dict[str, Any] = client.secrets.pki.generate_certificate(
         name=PKI_ROLE, common_name=common_name, mount_point=PKI_MOUNT,
         extra_params={"alt_names": ",".join(n for n in dns_names if n != common_name),
@@ -133,7 +130,6 @@ def issue(client: hvac.Client, common_name: str, dns_names: Sequence[str],
                       "exclude_cn_from_sans": False})["data"]
     chain = [data["certificate"], *[c for c in data.get("ca_chain", [])
                                       if c.strip() != data["certificate"].strip()]]
-    root = root_certificate(client)
     chain = [c for c in chain if c.strip() != root.strip()]
     return TlsBundle(certificate="\n".join(c.strip() for c in chain) + "\n",
                      private_key=data["private_key"].strip() + "\n", ca=root)
@@ -147,11 +143,11 @@ def root_certificate(client: hvac.Client) -> str:
     return pem.strip() + "\n"
 
 
-def renewal(client: hvac.Client, current_chain: str | None, common_name: str,
+def renewal(client: hvac.Client, root: str, current_chain: str | None, common_name: str,
             dns_names: Sequence[str], ip_addresses: Sequence[str]) -> TlsBundle | None:
     """A new certificate if the one on the host (``current_chain``, read over SSH) is
-    missing, from another CA, names other names, or is a third from its end; else None."""
-    root = root_certificate(client)
+    missing, not under ``root`` (the platform CA), names other names, or is a third from
+    its end; else None."""
     if is_current(current_chain, root, dns_names, ip_addresses):
         return None
-    return issue(client, common_name, dns_names, ip_addresses)
+    return issue(client, root, common_name, dns_names, ip_addresses)

@@ -36,7 +36,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from sizing.artifacts import SUMS_FILE, image_archive_path
-from sizing.images import Image, read_images
+from sizing.images import Image
 from sizing.inventory import VM, Inventory
 from sizing.spec import PlatformSpec
 from sizing.storage import data_dir
@@ -54,6 +54,7 @@ from tasks.hostops import (
 )
 from tasks.hostops.ops import q
 from tasks.retry import transient_only
+from tasks.spec import read_images
 from tasks.vault import kv_ensure, password, read_host_file, service_client
 from templates import render
 
@@ -316,8 +317,9 @@ def ensure_registry(spec: PlatformSpec, inventory: Inventory, pool: ConnectionPo
     host, _ = registry_address(spec)
     session = pool.session(host_keys.admin_target(spec, vm))
     dns = sorted({host, f"{vm.name}.{spec.domain}"}, key=lambda n: n != host)
-    bundle = pki.renewal(vault, read_host_file(session, CERT_FILE), host, dns, [str(vm.ip)])
     ca = pki.root_certificate(vault)
+    bundle = pki.renewal(vault, ca, read_host_file(session, CERT_FILE), host, dns,
+                         [str(vm.ip)])
     tls = RegistryTls(bundle.certificate, bundle.private_key, ca) if bundle else None
     report = apply_registry(pool, spec, inventory, vm, tls, credentials, images, ca_pem=ca)
     return {"service": "registry", "host": vm.name,

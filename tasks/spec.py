@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import task
 
+from sizing.images import Image, ImageListError, parse_images
 from sizing.spec import PlatformSpec
 from sizing.validate import parse_spec
 
@@ -41,3 +42,16 @@ def read_spec(spec_path: str | Path, users: int | None = None) -> PlatformSpec:
 def load_spec(spec_path: str) -> PlatformSpec:
     """Validate the spec before any phase acts: a bad spec fails the run at once."""
     return read_spec(spec_path)
+
+
+def read_images(path: str | Path) -> list[Image]:
+    """The release's images list (`images.txt` beside the spec); a missing or unreadable
+    file says so, naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ImageListError(f"{path}: no such images list") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ImageListError(f"{path}: cannot read the images list: {error}") from None
+    return parse_images(text, str(path))

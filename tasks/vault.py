@@ -39,7 +39,7 @@ from prefect import get_run_logger, task
 from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
 
-from blocks.vault import VaultAuthError, VaultServer, VaultUnavailable, ca_file
+from blocks.vault import VaultAuthError, VaultServer, VaultUnavailable, anonymous_client
 from sizing.inventory import VM, Inventory
 from sizing.spec import PlatformSpec
 from sizing.storage import data_dir
@@ -154,7 +154,7 @@ def host_operations(spec: PlatformSpec, vm: VM, tls: pki.TlsBundle | None) -> li
     ]
     tls_files: list[Operation] = []
     if tls is not None:
-        tls_files = [File(CERT_FILE, tls.fullchain, group="vault", mode="0644"),
+        tls_files = [File(CERT_FILE, tls.certificate, group="vault", mode="0644"),
                      File(KEY_FILE, tls.private_key, group="vault", mode="0640", secret=True,
                           backup=False)]
     config = File(CONFIG, render("vault/vault.hcl.j2", vm=vm, port=PORT,
@@ -209,12 +209,11 @@ def install_vault(spec: PlatformSpec, inventory: Inventory,
 def api_client(spec: PlatformSpec, vm: VM, pool: ConnectionPool) -> hvac.Client:
     """A client without a token that trusts the CA of the certificate on the host (read
     over SSH, whose host key phase 1 pinned)."""
-    import hvac
 
     chain = read_host_file(pool.session(host_keys.admin_target(spec, vm)), CERT_FILE)
     if chain is None:
         raise VaultError(f"{vm.name}: {CERT_FILE} is missing; run install-vault first")
-    return hvac.Client(url=address(vm), verify=ca_file(trust_anchor(chain)), timeout=30)
+    return anonymous_client(address(vm), trust_anchor(chain))
 
 
 def wait_until_serving(client: hvac.Client, name: str, timeout: float = 90.0) -> dict[str, Any]:
@@ -638,7 +637,7 @@ def configure_vault(spec: PlatformSpec, inventory: Inventory,
     session = pool.session(host_keys.admin_target(spec, vm))
     names, ips = server_names(spec, vm)
     if not pki.is_current(read_host_file(session, CERT_FILE), root_ca, names, ips):
-        bundle = pki.issue(client, names[0], names, ips)
+        bundle = pki.issue(client, root_ca, names[0], names, ips)
         tls = pki.TlsBundle(certificate=bundle.certificate + root_ca, ca=root_ca,
                             private_key=bundle.private_key)
         report = session.run(host_operations(spec, vm, tls))
@@ -662,10 +661,9 @@ def configure_vault(spec: PlatformSpec, inventory: Inventory,
 
 def _wait_for_certificate(vm: VM, root_ca: str, timeout: float = 30.0) -> None:
     """After the reload, Vault serves the new certificate: the platform CA verifies it."""
-    import hvac
     import requests
 
-    client = hvac.Client(url=address(vm), verify=ca_file(root_ca), timeout=10)
+    client = anonymous_client(address(vm), root_ca, timeout=10)
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -23,12 +23,12 @@ import pytest
 from lab.lab import Lab
 from lab.oci import ImageDefinition, build
 from lab.tls import issue
-from sizing.images import Image, read_images
+from sizing.images import Image
 from sizing.inventory import build_inventory
 from tasks.hostops import ConnectionPool, HostOpError
 from tasks.prepare import ssh_pool
 from tasks.registry import RegistryCredentials, RegistryTls, apply_registry
-from tasks.spec import read_spec
+from tasks.spec import read_images, read_spec
 from tests.conftest import LAB_SPEC, ROOT
 from tests.labkit import prepared_lab, ssh
 

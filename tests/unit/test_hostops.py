@@ -1042,10 +1042,9 @@ def _format_step_on(tmp_path: Path, *, size: int, wipefs: str, blkid_rc: int,
                     mounted: bool) -> tuple[subprocess.CompletedProcess[str], Path]:
     """The format step run by /bin/sh with every tool a stub in an otherwise empty PATH:
     the real blockdev/wipefs/blkid/mkfs cannot be reached, so no disk can be touched."""
-    device = next((entry.path for entry in os.scandir("/dev") if entry.name != "loop-control"
-                   and stat.S_ISBLK(os.stat(entry.path).st_mode)), None)
-    if device is None:
-        pytest.skip("no block device node on this machine to stand for the disk")
+    # A block device node of its own in /dev (loop 0's numbers), removed right after;
+    # every tool that could open it is a stub, so it is only ever tested with `[ -b ]`.
+    device = f"/dev/platform-test-{os.getpid()}-{tmp_path.name}"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(parents=True)
     log = tmp_path / "mkfs.log"
@@ -1058,11 +1057,16 @@ def _format_step_on(tmp_path: Path, *, size: int, wipefs: str, blkid_rc: int,
     op = DataDisk(20)
     disk = BlockDevice(os.path.basename(device), device, 20 * GIB, "disk")
     command = op._format(disk)
-    proc = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True,
-                          env={"PATH": str(bin_dir)}, check=False)
+    os.mknod(device, 0o600 | stat.S_IFBLK, os.makedev(7, 0))
+    try:
+        proc = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True,
+                              env={"PATH": str(bin_dir)}, check=False)
+    finally:
+        os.unlink(device)
     return proc, log
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
 def test_data_disk_format_step_checks_again_before_mkfs(tmp_path: Path) -> None:
     ok, log = _format_step_on(tmp_path / "ok", size=20 * GIB, wipefs="", blkid_rc=2,
                               mounted=False)

@@ -20,8 +20,9 @@ from sizing.artifacts import (
     image_archive_path,
     image_archive_url,
 )
-from sizing.images import Image, ImageListError, parse_images, read_images
+from sizing.images import Image, ImageListError, parse_images
 from sizing.spec import PlatformSpec
+from tasks.spec import read_images
 from tests.conftest import ROOT
 
 LAB_IMAGES = ROOT / "deployments" / "lab" / "images.txt"
@@ -166,12 +167,14 @@ def test_skopeo_reads_each_archive_with_its_pinned_digest(tmp_path: Path) -> Non
 
 # --- the lab's mirror --------------------------------------------------------------------------
 
-def test_mirror_needs_the_gogs_standin(lab_spec: PlatformSpec) -> None:
-    if not mirror.GOGS_STANDIN.is_file():
-        with pytest.raises(FileNotFoundError, match=r"lab/gogs/standin\.py"):
-            mirror.sources(lab_spec)
-        pytest.skip(f"the Gogs stand-in the mirror serves is missing: {mirror.GOGS_STANDIN}")
+def test_mirror_needs_the_gogs_standin(lab_spec: PlatformSpec, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    assert mirror.GOGS_STANDIN.is_file()
     assert mirror.sources(lab_spec)[f"gogs/{lab_spec.versions.gogs}/gogs"] == mirror.GOGS_STANDIN
+    missing = tmp_path / "lab" / "gogs" / "standin.py"
+    monkeypatch.setattr(mirror, "GOGS_STANDIN", missing)
+    with pytest.raises(FileNotFoundError, match=r"lab/gogs/standin\.py"):
+        mirror.sources(lab_spec)
 
 
 def test_mirror_serves_images_and_gogs_with_sums_and_assembles_once(
