@@ -45,7 +45,16 @@ class VmWanted:
     disks_gb: tuple[int, ...]
     network: str  # port group or subnet name of the VM's zone
     owner: str  # the platform's name (spec.name)
-    cloud_init: CloudInit = field(repr=False)
+    # Only a creation uses it (it holds the VM's private host key): None when the caller
+    # saw the VM exist. Should the VM vanish meanwhile, `vanished` is raised to retry.
+    cloud_init: CloudInit | None = field(repr=False)
+
+    def creation_data(self) -> CloudInit:
+        """The cloud-init data for creating this VM."""
+        if self.cloud_init is None:
+            raise TransientHypervisorError(f"VM {self.name} vanished while it was being "
+                                           "checked; the retry creates it")
+        return self.cloud_init
 
 
 @dataclass(frozen=True)

@@ -571,25 +571,18 @@ class NutanixSession:
             notes += [f"{want.name}: {item}: below the spec; set hypervisor.resize: true to fix"
                       for item in to_fix]
             return EnsureResult("unchanged", state, notes=tuple(notes))
-        growable = [item for item in to_fix if item.startswith(("vCPU", "memory"))]
-        for item in to_fix:
-            if item.startswith("disk"):
-                notes.append(f"{want.name}: {item}: below the spec and not fixed: the VM update "
-                             "(PUT) ignores disks and this block does not call Prism's disk "
-                             "endpoints; grow or add the disk in Prism")
-            elif item.startswith("network"):
-                notes.append(f"{want.name}: {item}: not fixed: the VM update (PUT) ignores NICs "
-                             f"and this block does not call Prism's NIC endpoints; attach the "
-                             f"NIC to subnet {want.network} in Prism")
-        if not growable:
-            return EnsureResult("unchanged", state, notes=tuple(notes))
-        changes = self._grow(state, want)
+        changes: list[str] = []
+        if any(item.startswith(("vCPU", "memory")) for item in to_fix):
+            changes += self._grow(state, want)
+        if any(item.startswith(("disk", "network")) for item in to_fix):
+            changes += self._fix_devices(want, state)
         return EnsureResult("changed", self._state(self._read(want.name, state.id)[0]),
-                            changes=tuple(growable + changes), notes=tuple(notes))
+                            changes=tuple(to_fix + changes), notes=tuple(notes))
 
     def _create(self, want: VmWanted) -> Any:
         cluster_id, image_id, subnet_id = self._placement(want.network)
-        for text in (want.cloud_init.userdata, _b64(want.cloud_init.userdata)):
+        cloud_init = want.creation_data()
+        for text in (cloud_init.userdata, _b64(cloud_init.userdata)):
             self._secrets.append(text)
         try:
             body = _vm_body(want, cluster_id, image_id, subnet_id)
@@ -598,7 +591,7 @@ class NutanixSession:
                                   f"{self._scrub(str(error))}") from None
         # The same wish gets the same request id, so a create repeated after a lost answer
         # (here or in a retried task) returns the first task instead of making a second VM.
-        digest = hashlib.sha256(f"{want.cloud_init.metadata}\0{want.cloud_init.userdata}"
+        digest = hashlib.sha256(f"{cloud_init.metadata}\0{cloud_init.userdata}"
                                 .encode()).hexdigest()
         request_id = str(uuid.uuid5(_REQUEST_IDS, f"{self.address}/{cluster_id}/{want.owner}/"
                                                   f"{want.name}/{digest}"))
@@ -663,6 +656,55 @@ class NutanixSession:
                 state.id, if_match=etag))
             extra.append("powered on again")
         return extra
+
+    def _fix_devices(self, want: VmWanted, state: VmState) -> list[str]:
+        """Grow the disks that are too small, add the missing ones, put the first NIC on
+        the zone's subnet (or add one). The VM update (PUT) ignores disks and NICs: each has
+        its own call, with the VM's latest ETag. AHV does all three on a running VM."""
+        m = _sdk().models
+        done: list[str] = []
+        vm, etag = self._read(want.name, state.id)
+        for index, wanted in enumerate(want.disks_gb):
+            disks = sorted((d for d in vm.disks or []
+                            if getattr(d.backing_info, "disk_size_bytes", None) is not None),
+                           key=_disk_order)
+            what = f"disk {index + 1} of {want.name}"
+            if index < len(disks):
+                disk = disks[index]
+                if int(disk.backing_info.disk_size_bytes) >= wanted * GiB:
+                    continue
+                disk.backing_info.disk_size_bytes = wanted * GiB
+                self._run(f"growing {what} to {wanted} GB", functools.partial(
+                    self._vm_api.update_disk_by_id, state.id, str(disk.ext_id), disk,
+                    if_match=etag))
+                done.append(f"{what} grown to {wanted} GB")
+            else:
+                taken = {int(d.disk_address.index or 0) for d in vm.disks or []
+                         if d.disk_address is not None
+                         and _enum(d.disk_address.bus_type) == "SCSI"}
+                slot = next(i for i in range(len(taken) + 1) if i not in taken)
+                body = m.Disk(disk_address=m.DiskAddress(bus_type="SCSI", index=slot),
+                              backing_info=m.VmDisk(disk_size_bytes=wanted * GiB))
+                self._run(f"adding {what} ({wanted} GB)", functools.partial(
+                    self._vm_api.create_disk, state.id, body, if_match=etag))
+                done.append(f"{what} added ({wanted} GB, SCSI {slot})")
+            vm, etag = self._read(want.name, state.id)  # each change moves the ETag on
+        if want.network not in state.networks:
+            _, _, subnet_id = self._placement(want.network)
+            body = m.Nic(network_info=m.NicNetworkInfo(
+                subnet=m.SubnetReference(ext_id=subnet_id)))
+            nics = list(vm.nics or [])
+            if nics:
+                self._run(f"moving the NIC of {want.name} to subnet {want.network}",
+                          functools.partial(self._vm_api.update_nic_by_id, state.id,
+                                            str(nics[0].ext_id), body, if_match=etag))
+                done.append(f"NIC moved to subnet {want.network}")
+            else:
+                self._run(f"adding a NIC on subnet {want.network} to {want.name}",
+                          functools.partial(self._vm_api.create_nic, state.id, body,
+                                            if_match=etag))
+                done.append(f"NIC added on subnet {want.network}")
+        return done
 
     def power_on(self, name: str) -> bool:
         vm, etag = self._read(name, str(self._require(name).ext_id))
@@ -736,9 +778,10 @@ def _vm_body(want: VmWanted, cluster_id: str, image_id: str, subnet_id: str) -> 
     disks += [m.Disk(disk_address=m.DiskAddress(bus_type="SCSI", index=index),
                      backing_info=m.VmDisk(disk_size_bytes=size * GiB))
               for index, size in enumerate(sizes[1:], start=1)]
+    data = want.creation_data()
     cloud_init = m.CloudInit(datasource_type="CONFIG_DRIVE_V2",
-                             metadata=_b64(want.cloud_init.metadata),
-                             cloud_init_script=m.Userdata(value=_b64(want.cloud_init.userdata)))
+                             metadata=_b64(data.metadata),
+                             cloud_init_script=m.Userdata(value=_b64(data.userdata)))
     return m.Vm(
         name=want.name, description=f"{OWNER_KEY}={want.owner} (made by the platform "
                                     "orchestrator, phase 1)",

@@ -43,6 +43,12 @@ _PERMANENT = (vim.fault.InvalidLogin, vim.fault.NoPermission, vim.fault.Insuffic
               vmodl.fault.InvalidArgument, vim.fault.DuplicateName)
 
 
+# What a VmState is made of: read in one round trip per VM.
+_STATE_PATHS = ("name", "runtime.powerState", "config.hardware.numCPU",
+                "config.hardware.memoryMB", "config.hardware.device", "config.extraConfig",
+                "guest.ipAddress")
+
+
 class VsphereHypervisor(Block):
     """vCenter credentials. TLS is verified unless turned off; a private CA may be given."""
 
@@ -94,6 +100,10 @@ class VsphereSession:
         self.content = si.RetrieveContent()
         self._dc: vim.Datacenter | None = None
         self._networks: dict[str, Any] | None = None
+        # Looked up once per session: where clones go, and the VMs this session has found
+        # by name (a task finds its VM once, then powers it on and waits for it).
+        self._clone_target: tuple[Any, Any, Any, vim.Folder] | None = None
+        self._found: dict[str, vim.VirtualMachine] = {}
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # a vCenter that went away: nothing to log out
@@ -238,9 +248,19 @@ class VsphereSession:
                 index.setdefault(str(props.get("name")), []).append(item.obj)
         return index
 
+    def _properties(self, vm: vim.VirtualMachine, paths: list[str]) -> dict[str, Any]:
+        """Some properties of one VM in one round trip (reading `vm.config` fetches the
+        whole configuration, and each attribute read is a round trip of its own)."""
+        collector = vmodl.query.PropertyCollector
+        assert self.content.propertyCollector is not None
+        found = self.content.propertyCollector.RetrieveContents([collector.FilterSpec(
+            objectSet=[collector.ObjectSpec(obj=vm, skip=False)],
+            propSet=[collector.PropertySpec(type=vim.VirtualMachine, pathSet=paths)])])
+        return {prop.name: prop.val for item in found for prop in item.propSet}
+
     def _state(self, vm: vim.VirtualMachine) -> VmState:
-        config = vm.config
-        devices = config.hardware.device if config else []
+        props = self._properties(vm, list(_STATE_PATHS))
+        devices = props.get("config.hardware.device") or []
         disks = tuple(int(d.capacityInKB // GB) for d in devices
                       if isinstance(d, vim.vm.device.VirtualDisk))
         networks = []
@@ -254,25 +274,29 @@ class VsphereSession:
                     key = backing.port.portgroupKey
                     networks.append(str(next((n.name for n in vm.network
                                               if getattr(n, "key", None) == key), key)))
-        extra = {str(o.key): str(o.value) for o in (config.extraConfig if config else [])}
+        extra = {str(o.key): str(o.value) for o in props.get("config.extraConfig") or []}
         return VmState(
-            id=str(vm._moId), name=vm.name,
-            powered_on=vm.runtime.powerState == "poweredOn",
-            vcpu=int(config.hardware.numCPU) if config else 0,
-            memory_gb=int(config.hardware.memoryMB // 1024) if config else 0,
+            id=str(vm._moId), name=str(props.get("name", "")),
+            powered_on=props.get("runtime.powerState") == "poweredOn",
+            vcpu=int(props.get("config.hardware.numCPU") or 0),
+            memory_gb=int((props.get("config.hardware.memoryMB") or 0) // 1024),
             disks_gb=disks, networks=tuple(networks),
-            guest_ip=(vm.guest.ipAddress or None) if vm.guest else None,
+            guest_ip=props.get("guest.ipAddress") or None,
             owner=extra.get(OWNER_KEY))
 
     def list_vms(self) -> list[VmState]:
         return self._call("listing VMs", lambda: [self._state(vm) for vm in self._vm_objects()])
 
     def _find(self, name: str) -> vim.VirtualMachine | None:
+        if name in self._found:
+            return self._found[name]
         found = self._index().get(name, [])
         if len(found) > 1:
             raise HypervisorError(f"vCenter {self.address}: {len(found)} VMs are named {name} "
                                   f"({', '.join(vm._moId for vm in found)}); rename or remove "
                                   "the extra ones")
+        if found:
+            self._found[name] = found[0]
         return found[0] if found else None
 
     def find_vm(self, name: str) -> VmState | None:
@@ -306,31 +330,40 @@ class VsphereSession:
         self._reconfigure(vm, want, state)
         return EnsureResult("changed", self._state(vm), changes=tuple(to_fix), notes=notes)
 
+    def _clone_placement(self) -> tuple[Any, Any, Any, vim.Folder]:
+        """(template, resource pool, datastore, folder), looked up once per session."""
+        if self._clone_target is None:
+            p = self.placement
+            dc = self._datacenter()
+            assert dc is not None
+            cluster = self._named(dc.hostFolder, vim.ClusterComputeResource, p.cluster)
+            pool = self._named(cluster.resourcePool, vim.ResourcePool, p.resource_pool) \
+                if p.resource_pool else cluster.resourcePool
+            datastore = next(ds for ds in dc.datastore if ds.name == p.datastore)
+            templates = self._index(templates=True).get(p.template)
+            if not templates:
+                raise HypervisorError(f"template {p.template!r} not found in {p.datacenter}")
+            folder = self._call(f"creating folder {p.folder}", lambda: self._folder(dc))
+            self._clone_target = (templates[0], pool, datastore, folder)
+        return self._clone_target
+
     def _create(self, want: VmWanted) -> vim.VirtualMachine:
         p = self.placement
-        dc = self._datacenter()
-        assert dc is not None
-        cluster = self._named(dc.hostFolder, vim.ClusterComputeResource, p.cluster)
-        pool = self._named(cluster.resourcePool, vim.ResourcePool, p.resource_pool) \
-            if p.resource_pool else cluster.resourcePool
-        datastore = next(ds for ds in dc.datastore if ds.name == p.datastore)
-        templates = self._index(templates=True).get(p.template)
-        if not templates:
-            raise HypervisorError(f"template {p.template!r} not found in {p.datacenter}")
-        template = templates[0]
-        folder = self._call(f"creating folder {p.folder}", lambda: self._folder(dc))
+        template, pool, datastore, folder = self._clone_placement()
         spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=pool, datastore=datastore),
                                 powerOn=False, template=False)
         task = self._call(f"cloning {p.template} to {want.name}",
                           lambda: template.CloneVM_Task(folder=folder, name=want.name,
                                                         spec=spec))
         vm = self._wait(f"cloning {p.template} to {want.name}", task)
+        self._found[want.name] = vm
         try:
             self._reconfigure(vm, want, self._state(vm),
-                              extra=guestinfo(want.cloud_init) | {OWNER_KEY: want.owner})
+                              extra=guestinfo(want.creation_data()) | {OWNER_KEY: want.owner})
         except BaseException:
             # Never leave a half-made VM behind: without its owner mark the next run would
             # take it for a foreign VM. Remove it; the retry (or the next run) clones again.
+            self._found.pop(want.name, None)
             with contextlib.suppress(Exception):
                 self._wait(f"removing the half-made {want.name}", vm.Destroy_Task())
             raise
@@ -341,13 +374,16 @@ class VsphereSession:
         """Grow CPU, memory and disks to the spec and attach the zone's network."""
         config: Any = vim.vm.ConfigSpec()
         changes: list[vim.vm.device.VirtualDeviceSpec] = []
-        hot_cpu = state.vcpu >= want.vcpu or bool(vm.config.cpuHotAddEnabled)
-        hot_mem = state.memory_gb >= want.memory_gb or bool(vm.config.memoryHotAddEnabled)
+        current = self._properties(vm, ["config.cpuHotAddEnabled", "config.memoryHotAddEnabled",
+                                        "config.hardware.device"])
+        hot_cpu = state.vcpu >= want.vcpu or bool(current.get("config.cpuHotAddEnabled"))
+        hot_mem = (state.memory_gb >= want.memory_gb
+                   or bool(current.get("config.memoryHotAddEnabled")))
         if state.vcpu < want.vcpu:
             config.numCPUs = want.vcpu
         if state.memory_gb < want.memory_gb:
             config.memoryMB = want.memory_gb * 1024
-        devices = list(vm.config.hardware.device)
+        devices = list(current.get("config.hardware.device") or [])
         disks = [d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
         for index, wanted in enumerate(want.disks_gb):
             if index < len(disks):
@@ -419,7 +455,8 @@ class VsphereSession:
         vm = self._call(f"finding VM {name}", lambda: self._find(name))
         if vm is None:
             raise HypervisorError(f"VM {name} not found on {self.address}")
-        if vm.runtime.powerState == "poweredOn":
+        if self._properties(vm, ["runtime.powerState"]).get("runtime.powerState") == \
+                "poweredOn":
             return False
         self._wait(f"powering on {name}",
                    self._call(f"powering on {name}", lambda: vm.PowerOnVM_Task()))
@@ -434,7 +471,8 @@ class VsphereSession:
         while time.monotonic() < deadline:
             try:
                 seen = self._call(f"reading the guest IP of {name}",
-                                  lambda: vm.guest.ipAddress if vm.guest else None)
+                                  lambda: self._properties(vm, ["guest.ipAddress"]).get(
+                                      "guest.ipAddress"))
             except vmodl.fault.ManagedObjectNotFound:
                 raise HypervisorError(f"VM {name} vanished from {self.address} while "
                                       "booting") from None
@@ -449,7 +487,8 @@ class VsphereSession:
         vm = self._call(f"finding VM {name}", lambda: self._find(name))
         if vm is None:
             return False
-        if vm.runtime.powerState == "poweredOn":
+        self._found.pop(name, None)
+        if self._properties(vm, ["runtime.powerState"]).get("runtime.powerState") == "poweredOn":
             self._wait(f"powering off {name}", vm.PowerOffVM_Task())
         self._wait(f"destroying {name}", vm.Destroy_Task())
         return True

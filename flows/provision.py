@@ -10,7 +10,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import PhaseFailed, PhaseResult, publish_plan, run_bounded, start_phase
 from tasks.spec import DEFAULT_SPEC
-from tasks.vms import preflight_hypervisor, provision_vm
+from tasks.vms import close_sessions, preflight_hypervisor, provision_vm, stored_host_keys
 
 # The spec's hypervisor.concurrency bounds the work; the pool only has to be large enough.
 _POOL: Any = ThreadPoolTaskRunner(max_workers=64)
@@ -27,11 +27,17 @@ def provision_vms(spec_path: str = DEFAULT_SPEC, plan_only: bool = False) -> Pha
     _, spec, inventory = start_phase(1, spec_path)
     if plan_only:
         return publish_plan(1, spec, inventory)
-    existing = preflight_hypervisor(spec, inventory)
-    logger.info("preflight passed: %d of %d VMs exist already", existing, len(inventory.vms))
-    rows, failures = run_bounded(provision_vm, "vm_name", [vm.name for vm in inventory.vms],
-                                 limit=spec.hypervisor.concurrency, spec=spec,
-                                 inventory=inventory)
+    try:
+        existing = preflight_hypervisor(spec, inventory)
+        logger.info("preflight passed: %d of %d VMs exist already", existing,
+                    len(inventory.vms))
+        keyed = stored_host_keys(spec, inventory)
+        rows, failures = run_bounded(provision_vm, "vm_name",
+                                     [vm.name for vm in inventory.vms],
+                                     limit=spec.hypervisor.concurrency, spec=spec,
+                                     inventory=inventory, keyed=keyed)
+    finally:
+        close_sessions()
     table = [rows[vm.name] if vm.name in rows else
              {"vm": vm.name, "action": "failed", "vcpu": vm.vcpu, "memory_gb": vm.memory_gb,
               "disks_gb": list(vm.disks_gb), "ip": str(vm.ip), "seconds": None,

@@ -26,6 +26,7 @@ from lab.prefect_stack import PROJECT_DIR, PrefectStack
 from lab.processes import Daemon
 from lab.ssh_keys import ensure_identity
 from lab.vcsim import Vcsim
+from lab.watcher import VmSource
 from sizing.spec import PlatformSpec
 from tasks.spec import resolve_spec_path
 
@@ -178,20 +179,28 @@ class Lab:
 
     def vm_rows(self) -> list[dict[str, object]]:
         """Every VM of the hypervisor with its power, IP, host and SSH reachability."""
-        from lab.cloudinit import CloudInitError, host_config
         from lab.sources import sources_from_env
 
+        sources = sources_from_env(self._source_env(running_only=True))
+        try:
+            return [row for source in sources for row in self._vm_rows(source)]
+        finally:
+            for source in sources:
+                source.close()
+
+    def _vm_rows(self, source: VmSource) -> list[dict[str, object]]:
+        from lab.cloudinit import CloudInitError, host_config
+
         rows: list[dict[str, object]] = []
-        for source in sources_from_env(self._source_env(running_only=True)):
-            for vm in sorted(source.vms(), key=lambda v: v.name):
-                ip = ""
-                if vm.cloud_init is not None:
-                    with contextlib.suppress(CloudInitError):
-                        ip = str(host_config(vm.name, *vm.cloud_init, bridge="").address.ip)
-                host_up = self.hosts.is_running(vm.name)
-                rows.append({"vm": vm.name, "power": "on" if vm.powered_on else "off",
-                             "ip": ip, "host": "up" if host_up else "down",
-                             "ssh": "yes" if ip and host_up and ssh_answers(ip) else "no"})
+        for vm in sorted(source.vms(), key=lambda v: v.name):
+            ip = ""
+            if vm.cloud_init is not None:
+                with contextlib.suppress(CloudInitError):
+                    ip = str(host_config(vm.name, *vm.cloud_init, bridge="").address.ip)
+            host_up = self.hosts.is_running(vm.name)
+            rows.append({"vm": vm.name, "power": "on" if vm.powered_on else "off",
+                         "ip": ip, "host": "up" if host_up else "down",
+                         "ssh": "yes" if ip and host_up and ssh_answers(ip) else "no"})
         return rows
 
     def service_rows(self) -> list[dict[str, object]]:

@@ -64,6 +64,14 @@ class VmSource(Protocol):
 
     def report_guest(self, vm: ObservedVM, ip: IPv4Address, hostname: str) -> None: ...
 
+    def close(self) -> None: ...
+
+    def wait(self, timeout: float) -> None:
+        """Return once something may have changed, or after ``timeout`` s at most (a source
+        that is told of changes returns at the first one; one that polls, after its poll
+        period)."""
+        ...
+
 
 class Watcher:
     """Keeps lab hosts in step with the VMs of the sources; one `step` per poll."""
@@ -156,7 +164,9 @@ class Watcher:
             self._reported.add(vm.key)
         return done
 
-    def run(self, interval: float = 0.1) -> None:
+    def run(self, interval: float = 1.0) -> None:
+        """Step until SIGTERM: at each change a source reports, and at least every
+        ``interval`` s (a host that died is booted again)."""
         stopping = False
 
         def stop(signum: int, frame: object) -> None:
@@ -171,14 +181,16 @@ class Watcher:
                     log.info(line)
             except Exception:  # a passing hypervisor fault must not kill the lab's guests
                 log.exception("watcher step failed; retrying")
-            time.sleep(interval)
+                time.sleep(interval)
+            for source in self.sources:
+                source.wait(interval / len(self.sources))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="boot lab hosts as VMs power on")
     parser.add_argument("--spec", required=True)
     parser.add_argument("--state", type=Path, required=True)
-    parser.add_argument("--interval", type=float, default=0.1)
+    parser.add_argument("--interval", type=float, default=1.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 

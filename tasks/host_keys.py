@@ -47,6 +47,48 @@ def load(spec: PlatformSpec, vm: VM) -> HostKey | None:
     return load_prefect(spec, vm) or _load_vault(spec, vm)
 
 
+def stored(spec: PlatformSpec, vms: list[VM]) -> set[str]:
+    """The names of those VMs whose pair is stored, in one Prefect call (and one Vault
+    call if Prefect lacks some): phase 1 asks once, not once per VM."""
+    from prefect.client.orchestration import get_client
+
+    names = {secret_name(spec, vm): vm.name for vm in vms}
+    found: set[str] = set()
+    with get_client(sync_client=True) as client:
+        wanted = sorted(names)
+        for start in range(0, len(wanted), 200):  # the API's page size limit
+            chunk = wanted[start:start + 200]
+            response = client.request("POST", "/block_documents/filter", json={
+                "block_documents": {"name": {"any_": chunk}, "is_anonymous": {"eq_": False}},
+                "block_types": {"slug": {"any_": ["secret"]}},
+                "include_secrets": False, "limit": len(chunk)})
+            found |= {names[doc["name"]] for doc in response.json() if doc["name"] in names}
+    missing = [vm for vm in vms if vm.name not in found]
+    return found | _stored_in_vault(spec, missing) if missing else found
+
+
+def _stored_in_vault(spec: PlatformSpec, vms: list[VM]) -> set[str]:
+    from tasks.blocks import MissingBlock
+    from tasks.vault import KV_MOUNT, service_client
+
+    try:
+        client = service_client(spec)
+    except MissingBlock:  # no Vault yet (before phase 3)
+        return set()
+    import hvac
+
+    try:
+        listed = client.secrets.kv.v2.list_secrets(path="ssh-host-keys", mount_point=KV_MOUNT)
+    except hvac.exceptions.InvalidPath:  # nothing moved yet
+        return set()
+    except hvac.exceptions.VaultDown:
+        raise RuntimeError(f"{', '.join(vm.name for vm in vms)}: no SSH host key in Prefect, "
+                           "and Vault, which may hold them, is sealed; run phase 3 "
+                           "(core-services) to unseal it") from None
+    keys = set(listed["data"]["keys"])
+    return {vm.name for vm in vms if vault_path(vm).rpartition("/")[2] in keys}
+
+
 def _load_vault(spec: PlatformSpec, vm: VM) -> HostKey | None:
     from tasks.blocks import MissingBlock
     from tasks.vault import kv_read, service_client
@@ -85,10 +127,20 @@ def load_prefect(spec: PlatformSpec, vm: VM) -> HostKey | None:
 
 
 def create(spec: PlatformSpec, vm: VM) -> HostKey:
-    """A new pair, stored before anything uses it (never overwrites an existing one)."""
+    """A new pair, stored before anything uses it. Never overwrites: if a pair was stored
+    meanwhile (a retried task made it before failing), that one is returned."""
+    from prefect.exceptions import ObjectAlreadyExists
+
     key = generate()
-    Secret(value={"kind": key.kind, "private": key.private, "public": key.public}).save(
-        secret_name(spec, vm), overwrite=False)
+    try:
+        Secret(value={"kind": key.kind, "private": key.private, "public": key.public}).save(
+            secret_name(spec, vm), overwrite=False)
+    except ValueError as error:  # Prefect's "name already in use"
+        kept = load_prefect(spec, vm) if isinstance(error.__cause__, ObjectAlreadyExists) \
+            else None
+        if kept is None:
+            raise
+        return kept
     return key
 
 

@@ -1,22 +1,28 @@
 """Phase 1's tasks: check the hypervisor, then ensure each VM (create or compare), boot it
-and wait for its address. Each opens its own hypervisor session through the spec's block."""
+and wait for its address. Sessions on the hypervisor are opened through the spec's block
+and shared by the tasks of one flow run (`hypervisor`, `close_sessions`)."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import cast
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from blocks.hypervisor import (
+    EnsureResult,
     HypervisorError,
     HypervisorSession,
     TransientHypervisorError,
     VmWanted,
 )
 from blocks.ssh import SshIdentity
-from sizing.inventory import Inventory
+from sizing.inventory import VM, Inventory
 from sizing.spec import PlatformSpec
 from tasks import host_keys
 from tasks.blocks import load_block
@@ -55,6 +61,51 @@ def open_hypervisor(spec: PlatformSpec) -> HypervisorSession:
     return load_block(NutanixHypervisor, hv.block).open(hv.nutanix)
 
 
+_IDLE: dict[tuple[str, str], list[HypervisorSession]] = {}
+_IDLE_LOCK = threading.Lock()
+
+
+@contextmanager
+def hypervisor(spec: PlatformSpec) -> Iterator[HypervisorSession]:
+    """A session on the spec's hypervisor for one task at a time.
+
+    Inside a flow run a session is handed to the run's next task when this one is done:
+    a login, its TLS handshake and the placement lookups would otherwise be most of a
+    small task's round trips, for every VM. A session that saw an error is closed, never
+    handed on (the retry logs in afresh); `close_sessions` logs out the rest at the end.
+    """
+    run_id = flow_run.get_id()
+    key = (str(run_id), spec.hypervisor.block)
+    session = None
+    if run_id is not None:
+        with _IDLE_LOCK:
+            if _IDLE.get(key):
+                session = _IDLE[key].pop()
+    if session is None:
+        session = open_hypervisor(spec)
+    try:
+        yield session
+    except BaseException:
+        session.close()
+        raise
+    if run_id is None:
+        session.close()
+        return
+    with _IDLE_LOCK:
+        _IDLE.setdefault(key, []).append(session)
+
+
+def close_sessions() -> int:
+    """Log out the sessions this flow run's tasks left for each other; how many."""
+    run_id = str(flow_run.get_id())
+    with _IDLE_LOCK:
+        sessions = [session for key in [k for k in _IDLE if k[0] == run_id]
+                    for session in _IDLE.pop(key)]
+    for session in sessions:
+        session.close()
+    return len(sessions)
+
+
 @task(name="preflight-hypervisor", retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=transient_only, cache_policy=NO_CACHE)
 def preflight_hypervisor(spec: PlatformSpec, inventory: Inventory) -> int:
@@ -64,12 +115,9 @@ def preflight_hypervisor(spec: PlatformSpec, inventory: Inventory) -> int:
     of the inventory that exist already.
     """
     networks = sorted({zone.network for _, zone in spec.zones.items()})
-    session = open_hypervisor(spec)
-    try:
+    with hypervisor(spec) as session:
         problems = session.preflight(networks)
         existing = session.list_vms() if not problems else []
-    finally:
-        session.close()
     wanted = {vm.name: vm for vm in inventory.vms}
     by_ip = {str(vm.ip): vm.name for vm in inventory.vms}
     for vm in existing:
@@ -85,47 +133,33 @@ def preflight_hypervisor(spec: PlatformSpec, inventory: Inventory) -> int:
     return sum(1 for vm in existing if vm.name in wanted)
 
 
+@task(name="stored-host-keys", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def stored_host_keys(spec: PlatformSpec, inventory: Inventory) -> frozenset[str]:
+    """The VMs whose SSH host key pair is stored already (names only, never a key)."""
+    return frozenset(host_keys.stored(spec, list(inventory.vms)))
+
+
 @task(name="provision-vm", task_run_name="provision-vm-{vm_name}", retries=3,
       retry_delay_seconds=[2, 5, 15], retry_condition_fn=transient_only, cache_policy=NO_CACHE)
-def provision_vm(spec: PlatformSpec, inventory: Inventory, vm_name: str) -> dict[str, object]:
+def provision_vm(spec: PlatformSpec, inventory: Inventory, keyed: frozenset[str],
+                 vm_name: str) -> dict[str, object]:
     """Ensure one VM: created from the template, or compared (and grown with `resize`);
-    powered on; its guest reporting the inventory's IP. Returns its table row."""
+    powered on; its guest reporting the inventory's IP. Returns its table row.
+
+    ``keyed``: the VMs whose host key pair was stored when the phase began. Only a VM to
+    create needs its pair (in its cloud-init); one that exists must have one stored.
+    """
     logger = get_run_logger()
     started = time.monotonic()
     stages = Stages()
     vm = inventory.by_name(vm_name)
-    identity = cast(SshIdentity, load_block(SshIdentity, spec.ssh.identity_block))
-    session = open_hypervisor(spec)
-    stages.mark("connect")
-    try:
-        existing = session.find_vm(vm.name)
-        key = host_keys.load(spec, vm)
-        if key is None:
-            if existing is not None:
-                raise HypervisorError(
-                    f"VM {vm.name} exists but its SSH host key secret "
-                    f"{host_keys.secret_name(spec, vm)} is missing, so no later phase could "
-                    "verify it; restore the secret or delete the VM")
-            key = host_keys.create(spec, vm)
-        stages.mark("host key")
-        cloud_init = render_cloud_init(spec, vm, [identity.public_key()], [key],
-                                       instance_id=f"{spec.name}-{vm.name}")
-        result = session.ensure_vm(VmWanted(
-            name=vm.name, vcpu=vm.vcpu, memory_gb=vm.memory_gb, disks_gb=vm.disks_gb,
-            network=spec.zones.get(vm.zone).network, owner=spec.name, cloud_init=cloud_init),
-            resize=spec.hypervisor.resize)
-        stages.mark(result.action if result.action != "unchanged" else "compare")
-        changes = list(result.changes)
-        if session.power_on(vm.name):
-            changes.append("powered on")
-            stages.mark("power on")
-        ip = session.wait_for_ip(vm.name, str(vm.ip), timeout=spec.hypervisor.boot_timeout)
-        stages.mark("guest IP")
-    except TransientHypervisorError as error:
-        logger.warning("%s: %s (will retry)", vm.name, error)
-        raise
-    finally:
-        session.close()
+    with hypervisor(spec) as session:
+        stages.mark("connect")
+        try:
+            result, changes, ip = _ensure_running(spec, vm, keyed, session, stages)
+        except TransientHypervisorError as error:
+            logger.warning("%s: %s (will retry)", vm.name, error)
+            raise
     action = result.action if result.action != "unchanged" or not changes else "changed"
     for note in result.notes:
         logger.warning(note)
@@ -137,3 +171,35 @@ def provision_vm(spec: PlatformSpec, inventory: Inventory, vm_name: str) -> dict
             "seconds": round(time.monotonic() - started, 2),
             "stages": stages.text(),
             "notes": "; ".join([*changes, *result.notes])}
+
+
+def _ensure_running(spec: PlatformSpec, vm: VM, keyed: frozenset[str],
+                    session: HypervisorSession, stages: Stages,
+                    ) -> tuple[EnsureResult, list[str], str]:
+    """The VM made or checked, powered on, reporting its IP: (result, changes, IP)."""
+    cloud_init = None
+    if session.find_vm(vm.name) is None:
+        key = host_keys.load(spec, vm) if vm.name in keyed else None
+        key = key or host_keys.create(spec, vm)
+        stages.mark("host key")
+        identity = cast(SshIdentity, load_block(SshIdentity, spec.ssh.identity_block))
+        cloud_init = render_cloud_init(spec, vm, [identity.public_key()], [key],
+                                       instance_id=f"{spec.name}-{vm.name}")
+    elif vm.name not in keyed and host_keys.load(spec, vm) is None:
+        # (not in ``keyed`` yet stored: this task's earlier try made the VM and its pair)
+        raise HypervisorError(
+            f"VM {vm.name} exists but its SSH host key secret "
+            f"{host_keys.secret_name(spec, vm)} is missing (in Prefect and in Vault), so "
+            "no later phase could verify it; restore the secret or delete the VM")
+    result = session.ensure_vm(VmWanted(
+        name=vm.name, vcpu=vm.vcpu, memory_gb=vm.memory_gb, disks_gb=vm.disks_gb,
+        network=spec.zones.get(vm.zone).network, owner=spec.name, cloud_init=cloud_init),
+        resize=spec.hypervisor.resize)
+    stages.mark(result.action if result.action != "unchanged" else "compare")
+    changes = list(result.changes)
+    if session.power_on(vm.name):
+        changes.append("powered on")
+        stages.mark("power on")
+    ip = session.wait_for_ip(vm.name, str(vm.ip), timeout=spec.hypervisor.boot_timeout)
+    stages.mark("guest IP")
+    return result, changes, ip

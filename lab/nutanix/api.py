@@ -53,7 +53,14 @@ from lab.nutanix.render import (
     render_task,
     render_vm,
 )
-from lab.nutanix.vmspec import SpecProblems, Unsimulated, is_uuid, parse_create, parse_update
+from lab.nutanix.vmspec import (
+    SpecProblems,
+    Unsimulated,
+    is_uuid,
+    parse_create,
+    parse_device,
+    parse_update,
+)
 from lab.nutanix.wire import (
     SERVED_VERSIONS,
     app_message,
@@ -120,6 +127,7 @@ def _route(method: str, pattern: str, handler: str, response_type: str | None) -
 
 _V = r"(?P<version>[^/]+)"
 _ID = r"(?P<ext_id>[^/]+)"
+_SUB = r"(?P<sub_id>[^/]+)"  # a disk or NIC of the VM
 ROUTES = (
     _route("OPTIONS", r"/api/(?P<ns>[^/]+)/unversioned/info", "info", None),
     _route("GET", rf"/api/vmm/{_V}/ahv/config/vms", "list_vms",
@@ -132,6 +140,14 @@ ROUTES = (
            "vmm.v4.ahv.config.UpdateVmApiResponse"),
     _route("DELETE", rf"/api/vmm/{_V}/ahv/config/vms/{_ID}", "delete_vm",
            "vmm.v4.ahv.config.DeleteVmApiResponse"),
+    _route("POST", rf"/api/vmm/{_V}/ahv/config/vms/{_ID}/disks", "create_disk",
+           "vmm.v4.ahv.config.CreateDiskApiResponse"),
+    _route("PUT", rf"/api/vmm/{_V}/ahv/config/vms/{_ID}/disks/{_SUB}", "update_disk",
+           "vmm.v4.ahv.config.UpdateDiskApiResponse"),
+    _route("POST", rf"/api/vmm/{_V}/ahv/config/vms/{_ID}/nics", "create_nic",
+           "vmm.v4.ahv.config.CreateNicApiResponse"),
+    _route("PUT", rf"/api/vmm/{_V}/ahv/config/vms/{_ID}/nics/{_SUB}", "update_nic",
+           "vmm.v4.ahv.config.UpdateNicApiResponse"),
     _route("POST", rf"/api/vmm/{_V}/ahv/config/vms/{_ID}/\$actions/power-on", "power_on",
            "vmm.v4.ahv.config.PowerOnVmApiResponse"),
     _route("POST", rf"/api/vmm/{_V}/ahv/config/vms/{_ID}/\$actions/power-off", "power_off",
@@ -575,6 +591,44 @@ class NutanixApi:
                                        owner=call.user, cluster_ext_id=vm["clusterExtId"],
                                        vm_ext_id=vm["extId"], expect_etag=etag)
         return self._task_reference(call, response_type, task)
+
+    def _device_task(self, call: Call, response_type: str | None, kind: str,
+                     operation: str, description: str) -> Response:
+        """A disk or NIC added (POST) or changed (PUT): the VM's ETag in If-Match, the
+        work done by a task, as for the VM's own update."""
+        device = "disk" if "disk" in kind else "nic"
+        with self.store.lock:
+            vm = self._find_vm(call, response_type)
+            etag = self._check_if_match(call, response_type, vm)
+            data = self._json_body(call, response_type)
+            try:
+                parsed = parse_device(device, data)
+            except SpecProblems as problems:
+                raise self._schema_error(call, response_type, problems.problems) from None
+            except Unsimulated as what:
+                raise self._unsimulated(call, str(what)) from None
+            payload: JSON = {device: parsed}
+            if "sub_id" in call.params:
+                payload["extId"] = call.params["sub_id"]
+            task = self.store.new_task(kind=kind, operation=operation, description=description,
+                                       owner=call.user, cluster_ext_id=vm["clusterExtId"],
+                                       vm_ext_id=vm["extId"], payload=payload,
+                                       expect_etag=etag)
+        return self._task_reference(call, response_type, task)
+
+    def create_disk(self, call: Call, response_type: str | None) -> Response:
+        return self._device_task(call, response_type, "create_disk", "CreateDisk",
+                                 "Create disk")
+
+    def update_disk(self, call: Call, response_type: str | None) -> Response:
+        return self._device_task(call, response_type, "update_disk", "UpdateDisk",
+                                 "Update disk")
+
+    def create_nic(self, call: Call, response_type: str | None) -> Response:
+        return self._device_task(call, response_type, "create_nic", "CreateNic", "Create NIC")
+
+    def update_nic(self, call: Call, response_type: str | None) -> Response:
+        return self._device_task(call, response_type, "update_nic", "UpdateNic", "Update NIC")
 
     def delete_vm(self, call: Call, response_type: str | None) -> Response:
         return self._vm_task(call, response_type, "delete_vm", "DeleteVm", "Delete VM")

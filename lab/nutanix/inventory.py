@@ -329,7 +329,9 @@ class Store:
         work: dict[str, Callable[[JSON], list[JSON]]] = {
             "create_vm": self._do_create, "update_vm": self._do_update,
             "delete_vm": self._do_delete, "power_on": self._do_power_on,
-            "power_off": self._do_power_off}
+            "power_off": self._do_power_off, "create_disk": self._do_create_disk,
+            "update_disk": self._do_update_disk, "create_nic": self._do_create_nic,
+            "update_nic": self._do_update_nic}
         try:
             if task["vmExtId"] and task["kind"] != "create_vm":
                 vm = self.vms.get(task["vmExtId"])
@@ -365,18 +367,7 @@ class Store:
                               "longer registered.", "VMM-30102", "CLUSTER_NOT_FOUND",
                               {"cluster_uuid": spec["clusterExtId"]})
         for index, nic in enumerate(spec["nics"]):
-            subnet = self.subnets.get(nic["subnetExtId"])
-            if subnet is None:
-                raise TaskFailure(
-                    f"Failed to perform the operation on the VM with UUID '{vm_id}', due to an "
-                    f"invalid argument with key 'nics[{index}].networkInfo.subnet.extId' and "
-                    f"value '{nic['subnetExtId']}': subnet not found.", "VMM-30201",
-                    "SUBNET_NOT_FOUND", {"subnet_uuid": nic["subnetExtId"]})
-            if subnet["clusterExtId"] != cluster["extId"]:
-                raise TaskFailure(
-                    f"Failed to perform the operation on the VM with UUID '{vm_id}': subnet "
-                    f"'{subnet['name']}' is not available on cluster '{cluster['name']}'.",
-                    "VMM-30202", "SUBNET_NOT_ON_CLUSTER", {"subnet_uuid": subnet["extId"]})
+            self._check_subnet(vm_id, cluster, nic["subnetExtId"], f"nics[{index}].")
         for index, disk in enumerate(spec["disks"]):
             container = disk.get("containerExtId")
             if container and container != cluster["containerExtId"]:
@@ -410,14 +401,8 @@ class Store:
                     f"value '{disk['sizeBytes']}': smaller than image '{image['name']}' "
                     f"({image['sizeBytes']} bytes).", "VMM-30203", "INVALID_DISK_SIZE",
                     {"disk_size": str(disk["sizeBytes"])})
-        wanted = sum(d["sizeBytes"] for d in spec["disks"])
-        free = cluster["storageBytes"] - self.storage_in_use(cluster["extId"])
-        if wanted > free:
-            raise TaskFailure(
-                f"Failed to create the VM '{spec['name']}': not enough free storage on cluster "
-                f"'{cluster['name']}' (requested {wanted} bytes, {max(free, 0)} bytes free).",
-                "VMM-30401", "INSUFFICIENT_STORAGE",
-                {"requested_bytes": str(wanted), "free_bytes": str(max(free, 0))})
+        self._check_storage(cluster, f"create the VM '{spec['name']}'",
+                            sum(d["sizeBytes"] for d in spec["disks"]))
         if spec["memorySizeBytes"] > cluster["memoryBytes"]:
             raise TaskFailure(
                 f"Failed to create the VM '{spec['name']}': its memory "
@@ -456,6 +441,113 @@ class Store:
             grow = changes.get("memorySizeBytes", vm["memorySizeBytes"]) - vm["memorySizeBytes"]
             self._check_memory(vm, grow, "update")
         vm.update(changes)
+        self._touch(vm)
+        return self._vm_entity(vm)
+
+    def _check_subnet(self, vm_id: str, cluster: JSON, subnet_id: str, where: str) -> JSON:
+        subnet = self.subnets.get(subnet_id)
+        if subnet is None:
+            raise TaskFailure(
+                f"Failed to perform the operation on the VM with UUID '{vm_id}', due to an "
+                f"invalid argument with key '{where}networkInfo.subnet.extId' and "
+                f"value '{subnet_id}': subnet not found.", "VMM-30201",
+                "SUBNET_NOT_FOUND", {"subnet_uuid": subnet_id})
+        if subnet["clusterExtId"] != cluster["extId"]:
+            raise TaskFailure(
+                f"Failed to perform the operation on the VM with UUID '{vm_id}': subnet "
+                f"'{subnet['name']}' is not available on cluster '{cluster['name']}'.",
+                "VMM-30202", "SUBNET_NOT_ON_CLUSTER", {"subnet_uuid": subnet["extId"]})
+        return subnet
+
+    def _check_storage(self, cluster: JSON, what: str, wanted: int) -> None:
+        free = cluster["storageBytes"] - self.storage_in_use(cluster["extId"])
+        if wanted > free:
+            raise TaskFailure(
+                f"Failed to {what}: not enough free storage on cluster "
+                f"'{cluster['name']}' (requested {wanted} bytes, {max(free, 0)} bytes free).",
+                "VMM-30401", "INSUFFICIENT_STORAGE",
+                {"requested_bytes": str(wanted), "free_bytes": str(max(free, 0))})
+
+    def _device(self, vm: JSON, kind: str, ext_id: str) -> JSON:
+        """A disk or NIC of the VM by its extId."""
+        found = next((d for d in vm[f"{kind}s"] if d["extId"] == ext_id), None)
+        if found is None:
+            label = "disk" if kind == "disk" else "NIC"
+            raise TaskFailure(
+                f"Failed to perform the operation on the VM with UUID '{vm['extId']}': its "
+                f"{label} with UUID '{ext_id}' is not found.", "VMM-30110",
+                f"{kind.upper()}_NOT_FOUND", {"vm_uuid": vm["extId"], f"{kind}_uuid": ext_id})
+        return found
+
+    def _do_create_disk(self, task: JSON) -> list[JSON]:
+        """A disk added (hot-plugged on a running VM, as AHV does for SCSI disks)."""
+        vm = self.vms[task["vmExtId"]]
+        cluster = self.clusters[vm["clusterExtId"]]
+        disk = copy.deepcopy(task["payload"]["disk"])
+        if disk.get("imageExtId"):
+            image = self.images.get(disk["imageExtId"])
+            if image is None:
+                raise TaskFailure(
+                    f"Failed to perform the operation on the VM with UUID '{vm['extId']}': "
+                    f"image '{disk['imageExtId']}' not found.", "VMM-20005", "IMAGE_NOT_FOUND",
+                    {"image_uuid": disk["imageExtId"]})
+            disk["sizeBytes"] = max(disk["sizeBytes"] or 0, image["sizeBytes"])
+        used = {(d["busType"], d["index"]) for d in vm["disks"]}
+        if disk["index"] is None:
+            disk["index"] = next(i for i in range(len(used) + 1)
+                                 if (disk["busType"], i) not in used)
+        elif (disk["busType"], disk["index"]) in used:
+            raise TaskFailure(
+                f"Failed to perform the operation on the VM with UUID '{vm['extId']}': disk "
+                f"address {disk['busType']}.{disk['index']} is already in use.", "VMM-30207",
+                "DISK_ADDRESS_IN_USE", {"vm_uuid": vm["extId"]})
+        self._check_storage(cluster, f"add a disk to the VM with UUID '{vm['extId']}'",
+                            disk["sizeBytes"])
+        disk["containerExtId"] = disk.get("containerExtId") or cluster["containerExtId"]
+        vm["disks"].append(disk)
+        self._touch(vm)
+        return self._vm_entity(vm)
+
+    def _do_update_disk(self, task: JSON) -> list[JSON]:
+        """A disk grown (online, as AHV does); never shrunk."""
+        vm = self.vms[task["vmExtId"]]
+        disk = self._device(vm, "disk", task["payload"]["extId"])
+        size = task["payload"]["disk"]["sizeBytes"]
+        if size is not None and size < disk["sizeBytes"]:
+            raise TaskFailure(
+                f"Failed to perform the operation on the VM with UUID '{vm['extId']}', due to "
+                f"an invalid argument with key 'backingInfo.diskSizeBytes' and value '{size}': "
+                f"a disk cannot be shrunk (it has {disk['sizeBytes']} bytes).", "VMM-30203",
+                "INVALID_DISK_SIZE", {"disk_size": str(size)})
+        if size is not None and size > disk["sizeBytes"]:
+            self._check_storage(self.clusters[vm["clusterExtId"]],
+                                f"grow a disk of the VM with UUID '{vm['extId']}'",
+                                size - disk["sizeBytes"])
+            disk["sizeBytes"] = size
+        self._touch(vm)
+        return self._vm_entity(vm)
+
+    def _do_create_nic(self, task: JSON) -> list[JSON]:
+        vm = self.vms[task["vmExtId"]]
+        nic = copy.deepcopy(task["payload"]["nic"])
+        self._check_subnet(vm["extId"], self.clusters[vm["clusterExtId"]], nic["subnetExtId"], "")
+        nic["macAddress"] = nic.get("macAddress") or _mac()
+        vm["nics"].append(nic)
+        self._touch(vm)
+        return self._vm_entity(vm)
+
+    def _do_update_nic(self, task: JSON) -> list[JSON]:
+        """A NIC moved to another subnet: what the guest had learned on it is gone."""
+        vm = self.vms[task["vmExtId"]]
+        nic = self._device(vm, "nic", task["payload"]["extId"])
+        wanted = task["payload"]["nic"]
+        self._check_subnet(vm["extId"], self.clusters[vm["clusterExtId"]],
+                           wanted["subnetExtId"], "")
+        if wanted["subnetExtId"] != nic["subnetExtId"]:
+            nic["subnetExtId"] = wanted["subnetExtId"]
+            nic["learnedIps"] = []
+        for key in ("ipAddress", "shouldAssignIp", "isConnected", "model"):
+            nic[key] = wanted[key]
         self._touch(vm)
         return self._vm_entity(vm)
 

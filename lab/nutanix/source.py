@@ -8,6 +8,7 @@ which the VM then shows as a learned IP of its NIC, as Prism shows what AHV lear
 from __future__ import annotations
 
 import ssl
+import time
 from functools import partial
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -19,7 +20,10 @@ from lab.watcher import ObservedVM
 
 
 class NutanixSource:
-    """Follows the VMs of one Nutanix stand-in."""
+    """Follows the VMs of one Nutanix stand-in, by polling (Prism has no change feed the lab
+    could follow)."""
+
+    POLL_SECONDS = 0.1
 
     def __init__(self, base_url: str, user: str, password: str, ca_file: Path | str) -> None:
         self._http = httpx.Client(base_url=base_url, auth=(user, password), timeout=10.0,
@@ -49,6 +53,9 @@ class NutanixSource:
                                        loader=partial(_given, cloud_init),
                                        disks_loader=partial(self._disks, vm["ext_id"])))
         return observed
+
+    def wait(self, timeout: float) -> None:
+        time.sleep(min(timeout, self.POLL_SECONDS))
 
     def _disks(self, ext_id: str) -> tuple[int, ...]:
         """The VM's disks in bytes through the v4 API, as the product reads them: the

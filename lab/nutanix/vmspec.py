@@ -343,6 +343,15 @@ def parse_create(data: Any) -> JSON:
     return vm
 
 
+def parse_device(kind: str, data: Any) -> JSON:
+    """Check the body of a disk or NIC call (`Disk` or `Nic`, as in a VM's lists)."""
+    check = _Checker()
+    parsed = (_disk if kind == "disk" else _nic)(check, data, "$")
+    if check.problems or parsed is None:
+        raise SpecProblems(check.problems or [("", "the request body must be a JSON object")])
+    return parsed
+
+
 def parse_update(data: Any, current: Mapping[str, Any]) -> JSON:
     """Check an update (PUT) body; return only the attributes it changes.
 

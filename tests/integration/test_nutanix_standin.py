@@ -341,6 +341,75 @@ def test_update_needs_a_fresh_etag_and_changes_it(api: Clients) -> None:
     assert stale.value.status == 412
 
 
+def test_disks_and_nics_have_their_own_calls(api: Clients) -> None:
+    """Prism's disk and NIC endpoints: the VM's ETag in If-Match, a task each, the ETag
+    moved on; a disk grows (never shrinks) and is added while the VM runs; a NIC moves to
+    another subnet."""
+    task, _ = create_vm(api, vm_body("ntx-disks"))
+    vm_id = task.entities_affected[0].ext_id
+    read = api.vms.get_vm_by_id(vm_id)
+    etag = api.vmm.get_etag(read)
+    assert str(wait_task(api, api.vms.power_on_vm(vm_id, if_match=etag).data.ext_id)[0]
+               .status) == "SUCCEEDED"
+
+    def fresh() -> tuple[Any, str]:
+        again = api.vms.get_vm_by_id(vm_id)
+        return again.data, api.vmm.get_etag(again)
+
+    vm, etag = fresh()
+    data = vm.disks[1]
+    with pytest.raises(vmm.rest.ApiException) as missing:
+        api.vms.update_disk_by_id(vm_id, data.ext_id, data)  # no If-Match
+    assert missing.value.status == 428
+    data.backing_info.disk_size_bytes = 30 * GiB
+    grown = api.vms.update_disk_by_id(vm_id, data.ext_id, data, if_match=etag)
+    assert str(wait_task(api, grown.data.ext_id)[0].status) == "SUCCEEDED"
+    with pytest.raises(vmm.rest.ApiException) as stale:
+        api.vms.create_disk(vm_id, data, if_match=etag)  # the grow moved the ETag on
+    assert stale.value.status == 412
+
+    vm, etag = fresh()
+    assert [d.backing_info.disk_size_bytes for d in vm.disks][1] == 30 * GiB
+    assert str(vm.power_state) == "ON"
+    added = api.vms.create_disk(vm_id, Disk(disk_address=DiskAddress(bus_type="SCSI", index=2),
+                                            backing_info=VmDisk(disk_size_bytes=5 * GiB)),
+                                if_match=etag)
+    assert str(wait_task(api, added.data.ext_id)[0].status) == "SUCCEEDED"
+    vm, etag = fresh()
+    assert [(d.disk_address.index, d.backing_info.disk_size_bytes) for d in vm.disks][2] == \
+        (2, 5 * GiB)
+
+    shrink = vm.disks[1]
+    shrink.backing_info.disk_size_bytes = 10 * GiB
+    failed, _ = wait_task(api, api.vms.update_disk_by_id(vm_id, shrink.ext_id, shrink,
+                                                         if_match=etag).data.ext_id)
+    assert str(failed.status) == "FAILED"
+    assert failed.error_messages[0].error_group == "INVALID_DISK_SIZE"
+    vm, etag = fresh()
+    clash = api.vms.create_disk(vm_id, Disk(disk_address=DiskAddress(bus_type="SCSI", index=1),
+                                            backing_info=VmDisk(disk_size_bytes=GiB)),
+                                if_match=etag)
+    failed, _ = wait_task(api, clash.data.ext_id)
+    assert failed.error_messages[0].error_group == "DISK_ADDRESS_IN_USE"
+
+    vm, etag = fresh()
+    moved = api.vms.update_nic_by_id(vm_id, vm.nics[0].ext_id, Nic(network_info=NicNetworkInfo(
+        subnet=SubnetReference(ext_id=DMZ.ext_id))), if_match=etag)
+    assert str(wait_task(api, moved.data.ext_id)[0].status) == "SUCCEEDED"
+    vm, etag = fresh()
+    assert vm.nics[0].network_info.subnet.ext_id == DMZ.ext_id
+    gone = api.vms.update_nic_by_id(vm_id, "00000000-0000-4000-8000-000000000000", Nic(
+        network_info=NicNetworkInfo(subnet=SubnetReference(ext_id=LAN.ext_id))), if_match=etag)
+    failed, _ = wait_task(api, gone.data.ext_id)
+    assert failed.error_messages[0].error_group == "NIC_NOT_FOUND"
+    vm, etag = fresh()
+    second = api.vms.create_nic(vm_id, Nic(network_info=NicNetworkInfo(
+        subnet=SubnetReference(ext_id=LAN.ext_id))), if_match=etag)
+    assert str(wait_task(api, second.data.ext_id)[0].status) == "SUCCEEDED"
+    vm, _ = fresh()
+    assert [n.network_info.subnet.ext_id for n in vm.nics] == [DMZ.ext_id, LAN.ext_id]
+
+
 def test_a_change_queued_behind_another_fails_on_the_etag(api: Clients) -> None:
     task, _ = create_vm(api, vm_body("ntx-lb1"))
     vm_id = task.entities_affected[0].ext_id

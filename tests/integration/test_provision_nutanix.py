@@ -24,6 +24,9 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from ntnx_vmm_py_client.models.vmm.v4.ahv.config.Nic import Nic
+from ntnx_vmm_py_client.models.vmm.v4.ahv.config.NicNetworkInfo import NicNetworkInfo
+from ntnx_vmm_py_client.models.vmm.v4.ahv.config.SubnetReference import SubnetReference
 from prefect import get_client
 from prefect.blocks.system import Secret
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -317,16 +320,51 @@ def test_resized_behind_the_flows_back(world: World, sdk: Sdk) -> None:
     assert not [r for r in during if "power-off" in r.path], "grown while running"
 
 
-def test_disk_below_the_spec_is_reported_not_pretended(world: World, tmp_path: Path) -> None:
-    """The VM update (PUT) ignores disks: a spec asking for more disk is reported as such."""
+def test_disks_and_nic_below_the_spec(world: World, sdk: Sdk, tmp_path: Path) -> None:
+    """Disks and NICs have calls of their own (the VM's PUT ignores them). Without resize
+    each difference is reported; with it a disk too small is grown, a missing one added and
+    the NIC put back on its zone's subnet, on the running VM; then nothing changes."""
     data = yaml.safe_load(Path(world.spec_path).read_text())
-    data["overrides"] = {"vault": {"disks_gb": [40, 50]}}
-    path = tmp_path / "bigger-disk.yaml"
-    path.write_text(yaml.safe_dump(data))
-    result = provision_vms(spec_path=str(path))
+    data["overrides"] = {"vault": {"disks_gb": [40, 50, 10]}}
+    bigger = tmp_path / "bigger-disks.yaml"
+    bigger.write_text(yaml.safe_dump(data))
+    data["hypervisor"]["resize"] = False
+    report_only = tmp_path / "bigger-disks-report-only.yaml"
+    report_only.write_text(yaml.safe_dump(data))
+    # An operator moves the Vault VM's NIC to the DMZ subnet in Prism.
+    dmz_subnet = _named(world, "lab-lbdmz-01")[0].nics[0].subnet_ext_id
+    vault_subnet = _named(world, "lab-vault-01")[0].nics[0].subnet_ext_id
+    vm, etag = sdk.vm("lab-vault-01")
+    sdk.run(sdk.vms.update_nic_by_id(vm.ext_id, vm.nics[0].ext_id, Nic(
+        network_info=NicNetworkInfo(subnet=SubnetReference(ext_id=dmz_subnet))),
+        if_match=etag))
+
+    result = provision_vms(spec_path=str(report_only))
     assert (result.created, result.changed, result.unchanged) == (0, 0, 18)
     table = _artifact("phase-1-provision-vms").data
-    assert "disk 2 20 GB < 50 GB: below the spec and not fixed" in table
+    for item in ("disk 2 20 GB < 50 GB", "disk 3 missing (want 10 GB)",
+                 f"network {read_spec(str(bigger)).zones.dmz.network} != "):
+        assert f"{item}" in table and "set hypervisor.resize: true to fix" in table, item
+
+    mark = len(world.standin.requests)
+    result = provision_vms(spec_path=str(bigger))
+    assert (result.created, result.changed, result.unchanged) == (0, 1, 17)
+    vm, _ = sdk.vm("lab-vault-01")
+    assert tuple(d.backing_info.disk_size_bytes // GiB for d in vm.disks) == (40, 50, 10)
+    assert vm.nics[0].network_info.subnet.ext_id == vault_subnet
+    assert str(vm.power_state) == "ON"
+    during = [f"{r.method} {r.path}" for r in world.standin.requests[mark:]]
+    base = f"/api/vmm/v4.3/ahv/config/vms/{vm.ext_id}"
+    changes = [line for line in during if line.split()[0] in ("POST", "PUT", "DELETE")
+               and "/prism/" not in line]
+    assert changes == [f"PUT {base}/disks/{vm.disks[1].ext_id}", f"POST {base}/disks",
+                       f"PUT {base}/nics/{vm.nics[0].ext_id}"], changes
+    table = _artifact("phase-1-provision-vms").data
+    assert "disk 2 of lab-vault-01 grown to 50 GB" in table
+    assert "NIC moved to subnet" in table
+
+    again = provision_vms(spec_path=str(bigger))
+    assert (again.created, again.changed, again.unchanged) == (0, 0, 18)
 
 
 def test_transient_faults_are_retried(world: World) -> None:

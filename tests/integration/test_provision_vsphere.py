@@ -26,6 +26,7 @@ from flows.provision import provision_vms
 from lab.lab import Lab
 from lab.vcsim import all_of, connect
 from sizing.inventory import build_inventory
+from tasks import host_keys
 from tasks.spec import read_spec
 from tests.conftest import LAB_SPEC
 from tests.labkit import lab_with_prefect
@@ -151,6 +152,9 @@ def test_tier_100_provisioned_then_unchanged(lab: Lab) -> None:
     assert table is not None and '"created"' in table.data
     assert "BEGIN OPENSSH PRIVATE KEY" not in table.data
 
+    # The second run learns which VMs have a stored host key from one listing.
+    assert host_keys.stored(spec, list(inventory.vms)) == {vm.name for vm in inventory.vms}
+    assert host_keys.stored(spec, [inventory.by_name("lab-vault-01")]) == {"lab-vault-01"}
     again = provision_vms(spec_path=str(LAB_SPEC))
     assert (again.created, again.changed, again.unchanged) == (0, 0, 18)
 
