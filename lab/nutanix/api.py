@@ -569,18 +569,23 @@ class NutanixApi:
         with self.store.lock:
             vm = self._find_vm(call, response_type)
             etag = self._check_if_match(call, response_type, vm)
-            data = self._json_body(call, response_type)
-            try:
-                changes = parse_update(data, vm)
-            except SpecProblems as problems:
-                raise self._schema_error(call, response_type, problems.problems) from None
-            except Unsimulated as what:
-                raise self._unsimulated(call, str(what)) from None
+            changes = self._parsed(call, response_type, lambda data: parse_update(data, vm))
             task = self.store.new_task(kind="update_vm", operation="UpdateVm",
                                        description="Update VM", owner=call.user,
                                        cluster_ext_id=vm["clusterExtId"], vm_ext_id=vm["extId"],
                                        payload={"changes": changes}, expect_etag=etag)
         return self._task_reference(call, response_type, task)
+
+    def _parsed(self, call: Call, response_type: str | None,
+                parse: Callable[[Any], JSON]) -> JSON:
+        """The request body checked by ``parse``; its problems as Prism's error bodies."""
+        data = self._json_body(call, response_type)
+        try:
+            return parse(data)
+        except SpecProblems as problems:
+            raise self._schema_error(call, response_type, problems.problems) from None
+        except Unsimulated as what:
+            raise self._unsimulated(call, str(what)) from None
 
     def _vm_task(self, call: Call, response_type: str | None, kind: str, operation: str,
                  description: str) -> Response:
@@ -600,14 +605,8 @@ class NutanixApi:
         with self.store.lock:
             vm = self._find_vm(call, response_type)
             etag = self._check_if_match(call, response_type, vm)
-            data = self._json_body(call, response_type)
-            try:
-                parsed = parse_device(device, data)
-            except SpecProblems as problems:
-                raise self._schema_error(call, response_type, problems.problems) from None
-            except Unsimulated as what:
-                raise self._unsimulated(call, str(what)) from None
-            payload: JSON = {device: parsed}
+            payload: JSON = {device: self._parsed(
+                call, response_type, lambda data: parse_device(device, data))}
             if "sub_id" in call.params:
                 payload["extId"] = call.params["sub_id"]
             task = self.store.new_task(kind=kind, operation=operation, description=description,
