@@ -35,9 +35,10 @@ GB = 1024 * 1024  # KB per GB, vSphere's disk unit
 # Checked before _PERMANENT: FileNotFound is a FileFault, yet right after a clone it is
 # storage catching up (seen under parallel clones), so it is retried; a missing template
 # disk still ends, after the retries, in a clear failure.
+# NotAuthenticated: the session expired (vCenter ends idle ones); the retry logs in again.
 _TRANSIENT = (ConnectionError, socket.timeout, TimeoutError, http.client.HTTPException,
               vim.fault.TaskInProgress, vim.fault.ConcurrentAccess, vim.fault.FileNotFound,
-              vmodl.fault.HostCommunication)
+              vmodl.fault.HostCommunication, vim.fault.NotAuthenticated)
 _PERMANENT = (vim.fault.InvalidLogin, vim.fault.NoPermission, vim.fault.InsufficientResourcesFault,
               vim.fault.NoDiskSpace, vim.fault.FileFault, vim.fault.InvalidState,
               vmodl.fault.InvalidArgument, vim.fault.DuplicateName)

@@ -61,8 +61,11 @@ def open_hypervisor(spec: PlatformSpec) -> HypervisorSession:
     return load_block(NutanixHypervisor, hv.block).open(hv.nutanix)
 
 
-_IDLE: dict[tuple[str, str], list[HypervisorSession]] = {}
+_IDLE: dict[tuple[str, str], list[tuple[float, HypervisorSession]]] = {}
 _IDLE_LOCK = threading.Lock()
+# A session idle longer than this is logged out rather than handed on: vCenter ends idle
+# sessions after 30 minutes by default, and a fresh login costs less than a failed call.
+_IDLE_SECONDS = 600.0
 
 
 @contextmanager
@@ -77,10 +80,18 @@ def hypervisor(spec: PlatformSpec) -> Iterator[HypervisorSession]:
     run_id = flow_run.get_id()
     key = (str(run_id), spec.hypervisor.block)
     session = None
+    stale: list[HypervisorSession] = []
     if run_id is not None:
         with _IDLE_LOCK:
-            if _IDLE.get(key):
-                session = _IDLE[key].pop()
+            idle = _IDLE.get(key, [])
+            while idle and session is None:
+                since, candidate = idle.pop()
+                if time.monotonic() - since < _IDLE_SECONDS:
+                    session = candidate
+                else:
+                    stale.append(candidate)
+    for old in stale:
+        old.close()
     if session is None:
         session = open_hypervisor(spec)
     try:
@@ -92,7 +103,7 @@ def hypervisor(spec: PlatformSpec) -> Iterator[HypervisorSession]:
         session.close()
         return
     with _IDLE_LOCK:
-        _IDLE.setdefault(key, []).append(session)
+        _IDLE.setdefault(key, []).append((time.monotonic(), session))
 
 
 def close_sessions() -> int:
@@ -100,7 +111,7 @@ def close_sessions() -> int:
     run_id = str(flow_run.get_id())
     with _IDLE_LOCK:
         sessions = [session for key in [k for k in _IDLE if k[0] == run_id]
-                    for session in _IDLE.pop(key)]
+                    for _, session in _IDLE.pop(key)]
     for session in sessions:
         session.close()
     return len(sessions)

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from blocks.hypervisor import OWNER_KEY
+from blocks.hypervisor import OWNER_KEY, TransientHypervisorError
 from blocks.vsphere import VsphereHypervisor
 from flows.provision import provision_vms
 from lab.lab import Lab
@@ -194,6 +194,25 @@ def test_transient_faults_are_retried(lab: Lab, tmp_path: Path) -> None:
         assert result.unchanged + result.changed == 18
     finally:
         proxy.close()
+
+
+def test_an_expired_session_is_a_passing_fault(lab: Lab) -> None:
+    """vCenter ends idle sessions (30 min by default): a session kept for the phase's next
+    task may be gone; that is retried with a fresh login, not taken for a refusal."""
+    access = lab.vcsim.access()
+    assert access is not None
+    spec = read_spec(LAB_SPEC)
+    assert spec.hypervisor.vsphere is not None
+    session = VsphereHypervisor(address=access.address, user=access.user,
+                                password=SecretStr(access.password),
+                                ca_bundle=access.ca_file.read_text()).open(
+                                    spec.hypervisor.vsphere)
+    try:
+        session.content.sessionManager.Logout()
+        with pytest.raises(TransientHypervisorError, match="NotAuthenticated"):
+            session.find_vm("lab-vault-01")
+    finally:
+        session.close()
 
 
 def test_bad_password_fails_at_once(lab: Lab, tmp_path: Path) -> None:
