@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,10 @@ import pytest
 
 from sizing.spec import PlatformSpec
 from tasks.spec import read_spec
+
+# The Prefect test servers (prefect_test_harness) inherit this: no telemetry from tests
+# (there is no route out, and each failed attempt logged an error and held SQLite's lock).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB_SPEC = ROOT / "deployments" / "lab" / "platform.yaml"
