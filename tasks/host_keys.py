@@ -37,9 +37,12 @@ def generate() -> HostKey:
     return HostKey("ed25519", private, public)
 
 
+VAULT_DIR = "ssh-host-keys"
+
+
 def vault_path(vm: VM) -> str:
     """Where the pair lives in Vault's KV mount once phase 3 moved it."""
-    return f"ssh-host-keys/{vm.name}"
+    return f"{VAULT_DIR}/{vm.name}"
 
 
 def load(spec: PlatformSpec, vm: VM) -> HostKey | None:
@@ -78,7 +81,7 @@ def _stored_in_vault(spec: PlatformSpec, vms: list[VM]) -> set[str]:
     import hvac
 
     try:
-        listed = client.secrets.kv.v2.list_secrets(path="ssh-host-keys", mount_point=KV_MOUNT)
+        listed = client.secrets.kv.v2.list_secrets(path=VAULT_DIR, mount_point=KV_MOUNT)
     except hvac.exceptions.InvalidPath:  # nothing moved yet
         return set()
     except hvac.exceptions.VaultDown:
@@ -86,7 +89,7 @@ def _stored_in_vault(spec: PlatformSpec, vms: list[VM]) -> set[str]:
                            "and Vault, which may hold them, is sealed; run phase 3 "
                            "(core-services) to unseal it") from None
     keys = set(listed["data"]["keys"])
-    return {vm.name for vm in vms if vault_path(vm).rpartition("/")[2] in keys}
+    return {vm.name for vm in vms if vm.name in keys}
 
 
 def _load_vault(spec: PlatformSpec, vm: VM) -> HostKey | None:

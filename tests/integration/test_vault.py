@@ -113,6 +113,8 @@ def test_install_initialise_unseal_configure(lab: Lab, pool: ConnectionPool,
     assert kv_read(client, host_keys.vault_path(other)) is not None
     assert host_keys.load(SPEC, other) == other_key_before
     assert host_keys.load_prefect(SPEC, VM) == host_key_before
+    # Phase 1's one listing finds every pair: the Vault VM's in Prefect, the rest in KV.
+    assert host_keys.stored(SPEC, list(INVENTORY.vms)) == {vm.name for vm in INVENTORY.vms}
 
     # No secret in any result or log line.
     secret_id = block.secret_id.get_secret_value() if block.secret_id else "missing"
