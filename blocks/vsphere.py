@@ -469,14 +469,17 @@ class VsphereSession:
         vm = self._call(f"finding VM {name}", lambda: self._find(name))
         if vm is None:
             raise HypervisorError(f"VM {name} not found on {self.address}")
-        while time.monotonic() < deadline:
+
+        def guest_ip() -> str | None:
             try:
-                seen = self._call(f"reading the guest IP of {name}",
-                                  lambda: self._properties(vm, ["guest.ipAddress"]).get(
-                                      "guest.ipAddress"))
-            except vmodl.fault.ManagedObjectNotFound:
+                found = self._properties(vm, ["guest.ipAddress"]).get("guest.ipAddress")
+            except vmodl.fault.ManagedObjectNotFound:  # (before _call files it as a fault)
                 raise HypervisorError(f"VM {name} vanished from {self.address} while "
                                       "booting") from None
+            return str(found) if found else None
+
+        while time.monotonic() < deadline:
+            seen = self._call(f"reading the guest IP of {name}", guest_ip)
             if seen == expected:
                 return expected
             time.sleep(0.1)

@@ -20,8 +20,8 @@ from pydantic import SecretStr
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from blocks.hypervisor import OWNER_KEY, TransientHypervisorError
-from blocks.vsphere import VsphereHypervisor
+from blocks.hypervisor import OWNER_KEY, HypervisorError, TransientHypervisorError
+from blocks.vsphere import VsphereHypervisor, VsphereSession
 from flows.provision import provision_vms
 from lab.lab import Lab
 from lab.vcsim import all_of, connect
@@ -196,17 +196,20 @@ def test_transient_faults_are_retried(lab: Lab, tmp_path: Path) -> None:
         proxy.close()
 
 
+def _session(lab: Lab) -> VsphereSession:
+    access = lab.vcsim.access()
+    assert access is not None
+    placement = read_spec(LAB_SPEC).hypervisor.vsphere
+    assert placement is not None
+    return VsphereHypervisor(address=access.address, user=access.user,
+                             password=SecretStr(access.password),
+                             ca_bundle=access.ca_file.read_text()).open(placement)
+
+
 def test_an_expired_session_is_a_passing_fault(lab: Lab) -> None:
     """vCenter ends idle sessions (30 min by default): a session kept for the phase's next
     task may be gone; that is retried with a fresh login, not taken for a refusal."""
-    access = lab.vcsim.access()
-    assert access is not None
-    spec = read_spec(LAB_SPEC)
-    assert spec.hypervisor.vsphere is not None
-    session = VsphereHypervisor(address=access.address, user=access.user,
-                                password=SecretStr(access.password),
-                                ca_bundle=access.ca_file.read_text()).open(
-                                    spec.hypervisor.vsphere)
+    session = _session(lab)
     try:
         session.content.sessionManager.Logout()
         with pytest.raises(TransientHypervisorError, match="NotAuthenticated"):
@@ -227,3 +230,16 @@ def test_bad_password_fails_at_once(lab: Lab, tmp_path: Path) -> None:
     message = str(state.result(raise_on_failure=False))
     assert f"refused the login of {access.user}" in message
     assert "wrong-password" not in message
+
+
+def test_a_vm_destroyed_while_booting_is_named(lab: Lab) -> None:
+    """Last in this file: it destroys a VM the earlier tests use."""
+    waiting, other = _session(lab), _session(lab)
+    try:
+        assert waiting.find_vm("lab-vault-01") is not None
+        assert other.delete_vm("lab-vault-01")
+        with pytest.raises(HypervisorError, match=r"lab-vault-01 vanished .* while booting"):
+            waiting.wait_for_ip("lab-vault-01", "10.231.0.22", timeout=5)
+    finally:
+        waiting.close()
+        other.close()
