@@ -496,9 +496,7 @@ class NutanixSession:
     # --- reading VMs ----------------------------------------------------------------------
 
     def _state(self, vm: Any) -> VmState:
-        disks = sorted((d for d in vm.disks or []
-                        if getattr(d.backing_info, "disk_size_bytes", None) is not None),
-                       key=_disk_order)
+        disks = _sized_disks(vm)
         networks, ips = [], []
         for nic in vm.nics or []:
             info = nic.network_info or nic.nic_network_info
@@ -665,9 +663,7 @@ class NutanixSession:
         done: list[str] = []
         vm, etag = self._read(want.name, state.id)
         for index, wanted in enumerate(want.disks_gb):
-            disks = sorted((d for d in vm.disks or []
-                            if getattr(d.backing_info, "disk_size_bytes", None) is not None),
-                           key=_disk_order)
+            disks = _sized_disks(vm)
             what = f"disk {index + 1} of {want.name}"
             if index < len(disks):
                 disk = disks[index]
@@ -816,6 +812,14 @@ def _subnet_clusters(subnet: Any) -> set[str]:
     out = {str(subnet.cluster_reference)} if getattr(subnet, "cluster_reference", None) else set()
     out.update(str(c) for c in getattr(subnet, "cluster_reference_list", None) or [])
     return out
+
+
+def _sized_disks(vm: Any) -> list[Any]:
+    """The VM's disks that have a size (not CD-ROMs), the boot disk first: the order of
+    the spec's `disks_gb`."""
+    return sorted((d for d in vm.disks or []
+                   if getattr(d.backing_info, "disk_size_bytes", None) is not None),
+                  key=_disk_order)
 
 
 def _disk_order(disk: Any) -> tuple[int, str, int]:

@@ -259,6 +259,10 @@ class VsphereSession:
             propSet=[collector.PropertySpec(type=vim.VirtualMachine, pathSet=paths)])])
         return {prop.name: prop.val for item in found for prop in item.propSet}
 
+    def _powered_on(self, vm: vim.VirtualMachine) -> bool:
+        return self._properties(vm, ["runtime.powerState"]).get("runtime.powerState") == \
+            "poweredOn"
+
     def _state(self, vm: vim.VirtualMachine) -> VmState:
         props = self._properties(vm, list(_STATE_PATHS))
         devices = props.get("config.hardware.device") or []
@@ -456,8 +460,7 @@ class VsphereSession:
         vm = self._call(f"finding VM {name}", lambda: self._find(name))
         if vm is None:
             raise HypervisorError(f"VM {name} not found on {self.address}")
-        if self._properties(vm, ["runtime.powerState"]).get("runtime.powerState") == \
-                "poweredOn":
+        if self._powered_on(vm):
             return False
         self._wait(f"powering on {name}",
                    self._call(f"powering on {name}", lambda: vm.PowerOnVM_Task()))
@@ -492,7 +495,7 @@ class VsphereSession:
         if vm is None:
             return False
         self._found.pop(name, None)
-        if self._properties(vm, ["runtime.powerState"]).get("runtime.powerState") == "poweredOn":
+        if self._powered_on(vm):
             self._wait(f"powering off {name}", vm.PowerOffVM_Task())
         self._wait(f"destroying {name}", vm.Destroy_Task())
         return True

@@ -179,11 +179,11 @@ class Watcher:
             try:
                 for line in self.step():
                     log.info(line)
+                for source in self.sources:
+                    source.wait(interval / len(self.sources))
             except Exception:  # a passing hypervisor fault must not kill the lab's guests
                 log.exception("watcher step failed; retrying")
                 time.sleep(interval)
-            for source in self.sources:
-                source.wait(interval / len(self.sources))
 
 
 def main() -> None:
