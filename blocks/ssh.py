@@ -51,6 +51,11 @@ class HostUnreachable(SshHostError, ConnectionError):
     """No SSH session could be set up with the host (transient: worth a retry)."""
 
 
+class SshNotListening(HostUnreachable):
+    """The host answered, but nothing accepts connections on its SSH port yet: a VM that
+    reported its IP while its boot goes on (sshd starts after cloud-init's users)."""
+
+
 class AuthenticationRefused(SshHostError):
     """The host refused the identity's key (permanent: the key or the user is wrong)."""
 
@@ -274,7 +279,10 @@ def open_connection(connection: Connection) -> None:
             f"{where} refused the key {_public_fingerprint(connection)} ({error})") from None
     except paramiko.ChannelException as error:
         connection.close()
-        raise HostUnreachable(host, "SSH connect",
+        # The jump host's "connect failed": nothing listens there yet, or no route to it.
+        kind = SshNotListening if error.code == paramiko.OPEN_FAILED_CONNECT_FAILED \
+            else HostUnreachable
+        raise kind(host, "SSH connect",
                               f"{where}{via}: the jump host could not reach it "
                               f"({error.text or error})") from None
     except TimeoutError as error:
@@ -282,6 +290,9 @@ def open_connection(connection: Connection) -> None:
         raise HostUnreachable(host, "SSH connect",
                               f"{where}{via}: no answer within {connection.connect_timeout} s"
                               f" ({error or 'timed out'})") from None
+    except ConnectionRefusedError as error:
+        connection.close()
+        raise SshNotListening(host, "SSH connect", f"{where}{via}: {error}") from None
     except (OSError, EOFError, paramiko.SSHException) as error:
         connection.close()
         raise HostUnreachable(host, "SSH connect",

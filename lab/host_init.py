@@ -518,13 +518,18 @@ def enabled_units() -> list[str]:
         if os.path.isdir(WANTS_DIR) else []
 
 
-def cloud_init(params: dict[str, Any]) -> None:
-    """Once per instance id: apply what cloud-init would from the VM's guestinfo."""
+def first_boot(params: dict[str, Any]) -> bool:
+    """Whether this boot is the instance's first (cloud-init runs once per instance id)."""
     marker = Path(INSTANCE_ID_FILE)
     if marker.is_file() and marker.read_text().strip() == params["instance_id"]:
         log(f"instance {params['instance_id']} already initialised")
-        return
+        return False
     log(f"first boot of instance {params['instance_id']}")
+    return True
+
+
+def cloud_init_local(params: dict[str, Any]) -> None:
+    """cloud-init's local stage, before the network: identity, name resolution, netplan."""
     with step("cloud-init machine-id"):
         write_text("/etc/machine-id", os.urandom(16).hex() + "\n", 0o444)
     with step("cloud-init /etc/hosts"):
@@ -534,6 +539,11 @@ def cloud_init(params: dict[str, Any]) -> None:
     with step("cloud-init netplan"):
         write_text(CLOUD_NETPLAN, netplan_yaml(params), 0o600)
         write_text(CLOUD_NETPLAN_DIGEST, guest_module("netplan").config_digest() + "\n", 0o644)
+
+
+def cloud_init(params: dict[str, Any]) -> None:
+    """cloud-init's network stage, before sshd starts (as cloud-init.service orders it):
+    users, sudo, the VM's SSH host keys, write_files; then the instance is marked done."""
     for user in params["users"]:
         with step(f"cloud-init user {user['name']}"):
             create_user(user)
@@ -819,10 +829,15 @@ class Supervisor:
         log("grace period over; the kernel kills what is left")
 
 
+def announce(fd: int, message: dict[str, Any]) -> None:
+    """Tell hosts.py how far the boot got (one JSON line; the pipe stays open)."""
+    os.write(fd, (json.dumps(message) + "\n").encode())
+
+
 def report(fd: int, message: dict[str, Any]) -> None:
-    """Tell hosts.py how the boot went (one JSON line), then let go of the pipe."""
+    """Tell hosts.py how the boot ended (one JSON line), then let go of the pipe."""
     try:
-        os.write(fd, (json.dumps(message) + "\n").encode())
+        announce(fd, message)
     finally:
         os.close(fd)
 
@@ -846,8 +861,15 @@ def main(argv: list[str]) -> int:
         prepare_run()
         prepare_disk()
         mount_data_disks(params)
-        cloud_init(params)
+        first = first_boot(params)
+        if first:
+            cloud_init_local(params)
         configure_network(params)
+        # What VMware tools or the AHV guest agent do once the NIC has its address:
+        # the hypervisor learns the guest's IP while the boot goes on (sshd comes later).
+        announce(status_fd, {"network": True})
+        if first:
+            cloud_init(params)
         install_ssh_unit()
         install_notify_dropins()
         supervisor.boot_sshd()

@@ -47,7 +47,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
@@ -193,9 +193,12 @@ class LabHosts:
 
     # -- public operations ------------------------------------------------------------
 
-    def boot(self, config: HostConfig) -> bool:
+    def boot(self, config: HostConfig,
+             on_network: Callable[[], None] | None = None) -> bool:
         """Power the host on and return once its sshd listens; False if it was running.
 
+        `on_network` is called (in this thread) as soon as the host's NIC has its address,
+        before cloud-init's users and sshd: where VMware tools would report the guest IP.
         A running host is left alone even if `config` changed (like powering on a VM that
         is on). A host that failed to boot is torn down before the error is raised.
         """
@@ -204,7 +207,7 @@ class LabHosts:
                 return False
             self._teardown(config.name)
             self._check_prerequisites(config)
-            self._launch(config)
+            self._launch(config, on_network)
             return True
 
     def stop(self, name: str) -> bool:
@@ -223,6 +226,12 @@ class LabHosts:
         """Whether the host's PID 1 is alive."""
         return self._running(name) is not None
 
+    def booted(self, name: str) -> bool:
+        """Whether the host is up once a boot in flight has ended (a guest reports its IP
+        halfway through its boot, so a VM can have its IP while sshd is still to come)."""
+        with self._locked(name):
+            return self._running(name) is not None
+
     def names(self) -> list[str]:
         """Every host with a disk, running or not."""
         if not self.hosts_dir.is_dir():
@@ -238,7 +247,8 @@ class LabHosts:
         command's process group is killed and LabHostError raised. Unlike the host's own
         processes, the command keeps every capability of the caller.
         """
-        init = self._running(name)
+        with self._locked(name):  # a boot in flight ends first
+            init = self._running(name)
         if init is None:
             raise LabHostError(name, "exec", "host is not running")
         cmd = ["nsenter", "--target", str(init.pid), "--mount", "--uts", "--ipc", "--net",
@@ -292,7 +302,7 @@ class LabHosts:
         if not config.host_keys:
             raise LabHostError(config.name, "prerequisites", "no SSH host keys")
 
-    def _launch(self, config: HostConfig) -> None:
+    def _launch(self, config: HostConfig, on_network: Callable[[], None] | None) -> None:
         """Network first, then PID 1; wait for its report and record who it is."""
         name = config.name
         hdir = self.host_dir(name)
@@ -335,7 +345,7 @@ class LabHosts:
             write_fd = -1
             self._launchers[name] = launcher
             threading.Thread(target=launcher.wait, name=f"reap-{name}", daemon=True).start()
-            status = self._await_report(name, read_fd)
+            status = self._await_report(name, read_fd, on_network)
             if not status.get("ok"):
                 raise LabHostError(name, str(status.get("step", "boot")),
                                    str(status.get("detail", "")))
@@ -451,11 +461,20 @@ class LabHosts:
                 launcher.kill()
         self._teardown(name)
 
-    def _await_report(self, name: str, read_fd: int) -> dict[str, Any]:
-        """PID 1 writes one JSON line when sshd listens or a step failed."""
+    def _await_report(self, name: str, read_fd: int,
+                      on_network: Callable[[], None] | None) -> dict[str, Any]:
+        """PID 1 writes a JSON line once its network is up ({"network": true}), and a last
+        one when sshd listens or a step failed ({"ok": ...}); the last one is returned."""
         deadline = time.monotonic() + self.boot_timeout
         data = b""
-        while b"\n" not in data:
+        while True:
+            while b"\n" in data:
+                line, data = data.split(b"\n", 1)
+                report: dict[str, Any] = json.loads(line)
+                if "ok" in report:
+                    return report
+                if report.get("network") and on_network is not None:
+                    on_network()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise LabHostError(name, "boot", f"no report within {self.boot_timeout} s; "
@@ -468,8 +487,6 @@ class LabHosts:
                 return {"ok": False, "step": "boot",
                         "detail": f"PID 1 exited; console.log ends: {self._console_tail(name)}"}
             data += chunk
-        report: dict[str, Any] = json.loads(data.split(b"\n", 1)[0])
-        return report
 
     def _console_tail(self, name: str, lines: int = 15) -> str:
         """The end of the console log, to quote in errors."""

@@ -153,15 +153,20 @@ class Watcher:
             self._warn_once(f"zone:{vm.key}", f"{vm.name}: address {probe.address} is in no "
                             "lab zone; it boots unreachable")
             return []
+        def report() -> None:
+            if vm.key not in self._reported:
+                source.report_guest(vm, probe.address.ip, probe.hostname)
+                self._reported.add(vm.key)
+
         done = []
         if not self.hosts.is_running(vm.name):
             config = replace(host_config(vm.name, metadata, userdata, bridge=bridge.name),
                              disks_bytes=vm.disks_bytes)
-            self.hosts.boot(config)
+            # The IP is reported once the guest's network is up, as the guest agent
+            # would; sshd comes a moment later (phase 2 waits for it).
+            self.hosts.boot(config, on_network=report)
             done.append(f"{vm.name}: powered on, host booted at {config.address.ip}")
-        if vm.key not in self._reported:
-            source.report_guest(vm, probe.address.ip, probe.hostname)
-            self._reported.add(vm.key)
+        report()
         return done
 
     def run(self, interval: float = 1.0) -> None:

@@ -170,7 +170,8 @@ class Hypervisor(StrictModel):
     concurrency: int = Field(default=8, ge=1, le=64)
     resize: bool = False
     boot_timeout: int = Field(default=600, ge=10, le=3600,
-                              description="seconds a new VM has to report its IP")
+                              description="seconds a new VM has to report its IP (phase 1), "
+                                          "and then to accept SSH (phase 2)")
     vsphere: VspherePlacement | None = None
     nutanix: NutanixPlacement | None = None
 

@@ -8,13 +8,14 @@ inventory. `prepare_host` is the task that makes it so.
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import cast
+from typing import Any, cast
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blocks.ssh import AuthenticationRefused, SshIdentity
+from blocks.ssh import AuthenticationRefused, SshHostError, SshIdentity, SshNotListening
 from sizing.firewall import forwards, input_rules
 from sizing.inventory import VM, Inventory
 from sizing.spec import PlatformSpec
@@ -29,6 +30,7 @@ from tasks.hostops import (
     File,
     Group,
     HostReport,
+    HostSession,
     HostTarget,
     LineAbsent,
     Operation,
@@ -41,6 +43,8 @@ from tasks.hostops import (
 )
 from tasks.retry import transient_only
 from templates import render
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 # Kernel hardening on every VM (CIS-style); the values RKE2 needs come on top for nodes.
 HARDENING_SYSCTLS: tuple[tuple[str, str], ...] = (
@@ -172,6 +176,36 @@ def ssh_pool(spec: PlatformSpec) -> ConnectionPool:
     return ConnectionPool(identity)
 
 
+def first_session(spec: PlatformSpec, pool: ConnectionPool, as_admin: HostTarget,
+                  bootstrap: HostTarget, logger: Logger) -> tuple[HostSession, str]:
+    """The admin's session, else (first run) the template's login; and who logged in.
+
+    Phase 1 ends when a new VM reports its IP, and the VM's sshd starts moments later
+    (after cloud-init's users and host keys): while the port refuses connections, wait,
+    up to `hypervisor.boot_timeout`. Any other failure is raised at once.
+    """
+    deadline = time.monotonic() + spec.hypervisor.boot_timeout
+    waited = False
+    while True:
+        try:
+            try:
+                return pool.session(as_admin), spec.ssh.user
+            except AuthenticationRefused:
+                if not spec.ssh.bootstrap_user:
+                    raise
+                # First run: only the template's login exists yet.
+                return pool.session(bootstrap), spec.ssh.bootstrap_user
+        except SshNotListening as error:
+            if time.monotonic() > deadline:
+                raise SshHostError(as_admin.label, "SSH connect",
+                                   f"sshd did not accept connections within "
+                                   f"{spec.hypervisor.boot_timeout} s ({error.cause})") from None
+            if not waited:
+                logger.info("%s: waiting for sshd (%s)", as_admin.label, error.cause)
+                waited = True
+            time.sleep(0.2)
+
+
 @task(name="prepare-host", task_run_name="prepare-host-{vm_name}", retries=2,
       retry_delay_seconds=[5, 15], retry_condition_fn=transient_only, cache_policy=NO_CACHE)
 def prepare_host(spec: PlatformSpec, inventory: Inventory, vm_name: str,
@@ -191,15 +225,7 @@ def prepare_host(spec: PlatformSpec, inventory: Inventory, vm_name: str,
     reports: list[HostReport] = []
     bootstrap = HostTarget(str(vm.ip), (known,), user=spec.ssh.bootstrap_user,
                            zone=vm.zone.value, name=vm.name)
-    try:
-        session = pool.session(as_admin)
-        login = spec.ssh.user
-    except AuthenticationRefused:
-        if not spec.ssh.bootstrap_user:
-            raise
-        # First run: only the template's login exists yet.
-        session = pool.session(bootstrap)
-        login = spec.ssh.bootstrap_user
+    session, login = first_session(spec, pool, as_admin, bootstrap, logger)
     reports.append(session.run(ops))
     cleanup = bootstrap_removal(spec)
     if cleanup:

@@ -417,6 +417,26 @@ def test_a_new_instance_id_reruns_cloud_init(lab: Lab) -> None:
 # 4 ---------------------------------------------------------------------------------
 
 
+def test_the_network_is_announced_before_the_boot_ends(lab: Lab) -> None:
+    """Where VMware tools report the guest IP: the address is up, sshd may still come."""
+    config = lab.config("plabt-net", 16)
+    seen: list[str] = []
+
+    def network_up() -> None:
+        shown = subprocess.run(["ip", "-n", lab.hosts.netns(config.name), "-4", "-o",
+                                "addr", "show", "dev", "eth0"],
+                               capture_output=True, text=True, check=True).stdout
+        seen.append(shown)
+
+    assert lab.hosts.boot(config, on_network=network_up) is True
+    assert len(seen) == 1, "announced once per boot"
+    assert f" {config.address} " in seen[0], seen
+    assert lab.hosts.booted(config.name)  # boot() returned: sshd listens
+    assert lab.hosts.boot(config, on_network=network_up) is False
+    assert len(seen) == 1, "a host that runs is not booted, nor announced, again"
+    lab.hosts.delete(config.name)
+
+
 def test_boot_stop_delete_are_idempotent(lab: Lab) -> None:
     config = lab.config("plabt-idem", 15)
     assert lab.hosts.boot(config) is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from flows.provision import provision_vms
 from lab.lab import Lab
 from sizing.inventory import build_inventory
 from tasks import host_keys
+from tasks.hostops import HostTarget
+from tasks.prepare import first_session, ssh_pool
 from tasks.spec import read_spec
 from tests.conftest import LAB_SPEC
 from tests.labkit import lab_with_prefect, ssh
@@ -94,6 +97,26 @@ def test_failed_validator_keeps_the_live_file_and_names_the_host(lab: Lab) -> No
     assert _ssh(lab, "lab-monitoring-01", f"cat {dropin}").stdout == before
     _ssh(lab, "lab-monitoring-01", "sudo -n sed -i '/NoSuchOption/d' /etc/ssh/sshd_config")
     assert prepare_vms(spec_path=str(LAB_SPEC)).changed == 1
+
+
+def test_the_first_connection_waits_for_a_restarting_sshd(
+        lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
+    """sshd down for a moment (the host's PID 1 starts it again after 1 s, as systemd would;
+    a fresh VM's sshd likewise comes after its IP): phase 2 waits instead of failing."""
+    vm = INVENTORY.by_name("lab-gitops-01")
+    known = host_keys.public_key(SPEC, vm)
+    assert known is not None
+    admin = HostTarget(str(vm.ip), (known,), user=SPEC.ssh.user, zone=vm.zone.value,
+                       name=vm.name)
+    bootstrap = HostTarget(str(vm.ip), (known,), user=SPEC.ssh.bootstrap_user,
+                           zone=vm.zone.value, name=vm.name)
+    assert lab.hosts.exec(vm.name, ["pkill", "-x", "sshd"]).returncode == 0
+    with ssh_pool(SPEC) as pool, caplog.at_level(logging.INFO):
+        session, login = first_session(SPEC, pool, admin, bootstrap, logging.getLogger("t"))
+        assert login == SPEC.ssh.user
+        ran = session.connection.run("hostname", hide=True, in_stream=False)
+        assert ran.stdout.strip() == vm.name
+    assert any(f"{vm.name}: waiting for sshd" in r.getMessage() for r in caplog.records)
 
 
 def test_changed_host_key_is_refused(lab: Lab, tmp_path: Path) -> None:

@@ -146,7 +146,7 @@ def test_tier_100_provisioned_then_unchanged(lab: Lab) -> None:
         assert extra["guestinfo.userdata.encoding"] == "base64"
         assert vm.guest.ipAddress == str(want.ip)
         assert vm.runtime.powerState == "poweredOn"
-        assert lab.hosts.is_running(want.name)
+        assert lab.hosts.booted(want.name)
 
     table = _artifact("phase-1-provision-vms")
     assert table is not None and '"created"' in table.data

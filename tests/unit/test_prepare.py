@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import pytest
+
+import tasks.prepare as prepare_module
+from blocks.ssh import AuthenticationRefused, HostUnreachable, SshHostError, SshNotListening
 from sizing.firewall import input_rules
 from sizing.inventory import build_inventory
 from sizing.spec import PlatformSpec
 from sizing.validate import parse_spec
-from tasks.prepare import bootstrap_removal, host_operations
+from tasks.hostops import HostTarget
+from tasks.prepare import bootstrap_removal, first_session, host_operations
 from tests.conftest import LAB_SPEC
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJx orchestrator"
@@ -98,3 +104,76 @@ def test_data_disk_only_where_the_vm_has_one(lab_spec: PlatformSpec) -> None:
     assert disks("lab-vault-01") == [20]
     assert disks("lab-gitops-01") == [300]
     assert disks("lab-lblan-01") == []
+
+
+class _Pool:
+    """A ConnectionPool stand-in: each session() call takes the next outcome."""
+
+    def __init__(self, *outcomes: object) -> None:
+        self.outcomes = list(outcomes)
+        self.users: list[str | None] = []
+
+    def session(self, target: Any) -> object:
+        self.users.append(target.user)
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+class _Clock:
+    """time.monotonic and time.sleep for tasks.prepare, without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _first(lab_spec: PlatformSpec, pool: _Pool, caplog: pytest.LogCaptureFixture,
+           monkeypatch: pytest.MonkeyPatch) -> tuple[object, str]:
+    monkeypatch.setattr(prepare_module, "time", _Clock())
+    admin = HostTarget("10.231.0.22", ("k",), user="platform", name="lab-vault-01")
+    bootstrap = HostTarget("10.231.0.22", ("k",), user="debian", name="lab-vault-01")
+    with caplog.at_level(logging.INFO):
+        return first_session(lab_spec, pool, admin, bootstrap,  # type: ignore[arg-type]
+                             logging.getLogger("test"))
+
+
+def _refused() -> SshNotListening:
+    return SshNotListening("lab-vault-01", "SSH connect", "[Errno 111] Connection refused")
+
+
+def test_phase_2_waits_while_sshd_is_not_up_yet(lab_spec: PlatformSpec,
+                                                 caplog: pytest.LogCaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = _Pool(_refused(), _refused(), AuthenticationRefused("lab-vault-01", "SSH auth", "no"),
+                 "bootstrap session")
+    assert _first(lab_spec, pool, caplog, monkeypatch) == ("bootstrap session", "debian")
+    assert pool.users == ["platform", "platform", "platform", "debian"]
+    waits = [r.getMessage() for r in caplog.records if "waiting for sshd" in r.getMessage()]
+    assert waits == ["lab-vault-01: waiting for sshd ([Errno 111] Connection refused)"]
+
+
+def test_phase_2_gives_up_on_sshd_after_the_boot_timeout(lab_spec: PlatformSpec,
+                                                        caplog: pytest.LogCaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = _Pool(*[_refused()] * 10_000)
+    with pytest.raises(SshHostError) as caught:
+        _first(lab_spec, pool, caplog, monkeypatch)
+    assert not isinstance(caught.value, ConnectionError), "permanent: no retry waits again"
+    assert f"within {lab_spec.hypervisor.boot_timeout} s" in str(caught.value)
+    assert "lab-vault-01" in str(caught.value)
+
+
+def test_phase_2_does_not_wait_for_an_unreachable_host(lab_spec: PlatformSpec,
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = _Pool(HostUnreachable("lab-vault-01", "SSH connect", "no route to host"))
+    with pytest.raises(HostUnreachable, match="no route"):
+        _first(lab_spec, pool, caplog, monkeypatch)
+    assert pool.users == ["platform"]
