@@ -35,25 +35,57 @@ install_packages() {
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 }
 
+# Replace the one line of file $1 that matches the awk regex $2 with the text on stdin;
+# $3 names the patch in the error if that line is not there exactly once.
+replace_line() {
+    local f=$1
+    PATTERN=$2 TEXT=$(cat) awk '
+        $0 ~ ENVIRON["PATTERN"] { print ENVIRON["TEXT"]; n++; next }
+        { print }
+        END { if (n != 1) exit 3 }
+    ' "$f" >"$f.patched" || die "$3: patch target not found in $f (govmomi changed?)"
+    mv "$f.patched" "$f"
+}
+
 # pyvmomi >= 8 reads properties through Fetch; in 0.24.2 Fetch indexes MissingSet[0]
 # even for a property that is merely unset, which panics (fixed upstream in v0.36,
 # govmomi#3337). Answer with an empty result instead, like vCenter.
 patch_fetch() {
-    local f=$1/simulator/property_collector.go
-    awk '
-        prev ~ /^[ \t]*if len\(obj\.PropSet\) == 0 \{[ \t]*$/ &&
-        $0 ~ /^[ \t]*fault := obj\.MissingSet\[0\]\.Fault[ \t]*$/ {
-            print "\t\t// platform-orchestrator: an unset property is neither in PropSet nor in MissingSet."
-            print "\t\tif len(obj.MissingSet) == 0 {"
-            print "\t\t\tbody.Res = new(internal.FetchResponse)"
-            print "\t\t\treturn body"
-            print "\t\t}"
-            n++
-        }
-        { print; prev = $0 }
-        END { if (n != 1) exit 3 }
-    ' "$f" >"$f.patched" || die "Fetch patch target not found in $f (govmomi changed?)"
-    mv "$f.patched" "$f"
+    replace_line "$1/simulator/property_collector.go" \
+        '^[ \t]*fault := obj\.MissingSet\[0\]\.Fault[ \t]*$' "Fetch patch" <<'EOF'
+		// platform-orchestrator: an unset property is neither in PropSet nor in MissingSet.
+		if len(obj.MissingSet) == 0 {
+			body.Res = new(internal.FetchResponse)
+			return body
+		}
+		fault := obj.MissingSet[0].Fault
+EOF
+}
+
+# CloneVM_Task hands the template's own device objects to the clone (and blanks the
+# disk's file name on them): parallel clones of one template then race on one disk
+# backing, and a clone's disk can point at no file (FileNotFound on the next reconfigure;
+# upstream copies the devices in later releases). Give each clone a copy, as vCenter
+# gives each clone its own disks.
+patch_clone_devices() {
+    replace_line "$1/simulator/virtual_machine.go" \
+        '^[ \t]*devices := vm\.Config\.Hardware\.Device[ \t]*$' "clone patch" <<'EOF'
+		// platform-orchestrator: the clone gets copies, never the template's devices.
+		var copied types.ArrayOfVirtualDevice
+		deepCopy(&types.ArrayOfVirtualDevice{VirtualDevice: vm.Config.Hardware.Device}, &copied)
+		devices := copied.VirtualDevice
+EOF
+}
+
+# WaitForUpdatesEx hands out changes only on a 250 ms tick, so whoever follows vcsim (the
+# lab's guests, noticing a power-on) lags a quarter second behind it; vCenter answers as
+# soon as a change is there. A 20 ms tick keeps vcsim's batching at a tenth of the lag.
+patch_update_tick() {
+    replace_line "$1/simulator/property_collector.go" \
+        '^[ \t]*ticker := time\.NewTicker\(250 \* time\.Millisecond\)' "tick patch" <<'EOF'
+	// platform-orchestrator: 20 ms, not 250 (vCenter sends changes at once).
+	ticker := time.NewTicker(20 * time.Millisecond)
+EOF
 }
 
 install_packages
@@ -85,6 +117,8 @@ src=$W/gopath/src/github.com/vmware/govmomi
 mkdir -p "$(dirname "$src")" "$W/gopath/src/$MAIN_PKG"
 cp -a "$GOVMOMI" "$src" # fresh pristine copy, so the patch always applies once
 patch_fetch "$src"
+patch_clone_devices "$src"
+patch_update_tick "$src"
 cp "$HERE/main.go" "$W/gopath/src/$MAIN_PKG/main.go"
 
 export GO111MODULE=off GOPATH=$W/gopath:/usr/share/gocode GOCACHE=$W/gocache \

@@ -202,3 +202,30 @@ def test_vm_without_cloud_init_boots_unreachable(lab: Lab) -> None:
     assert not lab.hosts.is_running("bare-vm")
     WaitForTask(bare.PowerOffVM_Task())
     WaitForTask(bare.Destroy_Task())
+
+
+def test_clones_have_disks_of_their_own(lab: Lab) -> None:
+    """vcsim 0.24.2 handed the template's own disk object to every clone (so a clone's disk
+    named another clone's file, and parallel clones raced: FileNotFound on reconfigure);
+    lab/vcsim/build.sh patches that. Each clone's disk file is in its own folder, as on
+    vCenter, and the template keeps its own."""
+    lab.up(with_prefect=False)
+    access = lab.vcsim.access()
+    assert access is not None
+    si = connect(access)
+    template = next(v for v in all_of(si, vim.VirtualMachine) if v.name == "debian-12-template")
+
+    def disk_files(vm: vim.VirtualMachine) -> list[str]:
+        return [d.backing.fileName for d in vm.config.hardware.device
+                if isinstance(d, vim.vm.device.VirtualDisk)]
+
+    before = disk_files(template)
+    clones = [_clone(si, name) for name in ("clone-a", "clone-b")]
+    try:
+        for clone in clones:
+            files = disk_files(clone)
+            assert files and all(f"] {clone.name}/" in name for name in files), files
+        assert disk_files(template) == before
+    finally:
+        for clone in clones:
+            WaitForTask(clone.Destroy_Task())
