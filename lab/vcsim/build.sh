@@ -88,6 +88,18 @@ patch_update_tick() {
 EOF
 }
 
+# A destroyed property collector stays registered for every object change in 0.24.2: its
+# update list grows for ever and every change costs more (one per waiting client ever
+# made). Unregister it, as vCenter frees a destroyed collector.
+patch_destroy_collector() {
+    replace_line "$1/simulator/property_collector.go" \
+        '^[ \t]*pc\.CancelWaitForUpdates\(&types\.CancelWaitForUpdates\{This: c\.This\}\)[ \t]*$' \
+        "collector patch" <<'EOF'
+	pc.CancelWaitForUpdates(&types.CancelWaitForUpdates{This: c.This})
+	ctx.Map.RemoveHandler(pc) // platform-orchestrator: a destroyed collector hears no more.
+EOF
+}
+
 install_packages
 [[ -d $GOVMOMI/simulator ]] || die "$GOVMOMI/simulator missing after install"
 export PATH=/usr/lib/go/bin:$PATH # golang-go's toolchain, even if another go comes first
@@ -119,6 +131,7 @@ cp -a "$GOVMOMI" "$src" # fresh pristine copy, so the patch always applies once
 patch_fetch "$src"
 patch_clone_devices "$src"
 patch_update_tick "$src"
+patch_destroy_collector "$src"
 cp "$HERE/main.go" "$W/gopath/src/$MAIN_PKG/main.go"
 
 export GO111MODULE=off GOPATH=$W/gopath:/usr/share/gocode GOCACHE=$W/gocache \
