@@ -153,6 +153,7 @@ class Watcher:
             self._warn_once(f"zone:{vm.key}", f"{vm.name}: address {probe.address} is in no "
                             "lab zone; it boots unreachable")
             return []
+
         def report() -> None:
             if vm.key not in self._reported:
                 source.report_guest(vm, probe.address.ip, probe.hostname)
