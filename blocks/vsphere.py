@@ -253,11 +253,8 @@ class VsphereSession:
     def _properties(self, vm: vim.VirtualMachine, paths: list[str]) -> dict[str, Any]:
         """Some properties of one VM in one round trip (reading `vm.config` fetches the
         whole configuration, and each attribute read is a round trip of its own)."""
-        collector = vmodl.query.PropertyCollector
         assert self.content.propertyCollector is not None
-        found = self.content.propertyCollector.RetrieveContents([collector.FilterSpec(
-            objectSet=[collector.ObjectSpec(obj=vm, skip=False)],
-            propSet=[collector.PropertySpec(type=vim.VirtualMachine, pathSet=paths)])])
+        found = self.content.propertyCollector.RetrieveContents([_vm_filter(vm, paths)])
         return {prop.name: prop.val for item in found for prop in item.propSet}
 
     def _powered_on(self, vm: vim.VirtualMachine) -> bool:
@@ -476,7 +473,6 @@ class VsphereSession:
         if vm is None:
             raise HypervisorError(f"VM {name} not found on {self.address}")
         vanished = HypervisorError(f"VM {name} vanished from {self.address} while booting")
-        pc = vmodl.query.PropertyCollector
         assert self.content.propertyCollector is not None
         # A collector of its own: its filter and versions are this wait's alone.
         collector = self._call("creating a property collector",
@@ -493,10 +489,8 @@ class VsphereSession:
 
         try:
             self._call(f"following the guest IP of {name}", functools.partial(
-                gone_as_vanished, collector.CreateFilter, pc.FilterSpec(
-                    objectSet=[pc.ObjectSpec(obj=vm, skip=False)],
-                    propSet=[pc.PropertySpec(type=vim.VirtualMachine,
-                                             pathSet=["guest.ipAddress"])]), False))
+                gone_as_vanished, collector.CreateFilter,
+                _vm_filter(vm, ["guest.ipAddress"]), False))
             version = ""
             while seen != expected:
                 left = deadline - time.monotonic()
@@ -505,7 +499,8 @@ class VsphereSession:
                         f"VM {name} did not report IP {expected} within {timeout:.0f} s (it "
                         f"reports {seen or 'no IP'}): check its console, cloud-init and the "
                         "port group")
-                options = pc.WaitOptions(maxWaitSeconds=max(1, min(math.ceil(left), 60)))
+                options = vmodl.query.PropertyCollector.WaitOptions(
+                    maxWaitSeconds=max(1, min(math.ceil(left), 60)))
                 update = self._call(f"waiting for the guest IP of {name}", functools.partial(
                     gone_as_vanished, collector.WaitForUpdatesEx, version, options))
                 if update is None:
@@ -531,6 +526,14 @@ class VsphereSession:
             self._wait(f"powering off {name}", vm.PowerOffVM_Task())
         self._wait(f"destroying {name}", vm.Destroy_Task())
         return True
+
+
+def _vm_filter(vm: vim.VirtualMachine, paths: list[str]) -> Any:
+    """A property-collector filter spec for some properties of one VM."""
+    collector = vmodl.query.PropertyCollector
+    return collector.FilterSpec(
+        objectSet=[collector.ObjectSpec(obj=vm, skip=False)],
+        propSet=[collector.PropertySpec(type=vim.VirtualMachine, pathSet=paths)])
 
 
 def guestinfo(cloud_init: CloudInit) -> dict[str, str]:

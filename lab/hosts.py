@@ -229,8 +229,7 @@ class LabHosts:
     def booted(self, name: str) -> bool:
         """Whether the host is up once a boot in flight has ended (a guest reports its IP
         halfway through its boot, so a VM can have its IP while sshd is still to come)."""
-        with self._locked(name):
-            return self._running(name) is not None
+        return self._settled(name) is not None
 
     def names(self) -> list[str]:
         """Every host with a disk, running or not."""
@@ -247,8 +246,7 @@ class LabHosts:
         command's process group is killed and LabHostError raised. Unlike the host's own
         processes, the command keeps every capability of the caller.
         """
-        with self._locked(name):  # a boot in flight ends first
-            init = self._running(name)
+        init = self._settled(name)
         if init is None:
             raise LabHostError(name, "exec", "host is not running")
         cmd = ["nsenter", "--target", str(init.pid), "--mount", "--uts", "--ipc", "--net",
@@ -523,6 +521,11 @@ class LabHosts:
             return None
         init = _Process(int(record["init_pid"]), int(record["init_start"]))
         return init if init.alive() else None
+
+    def _settled(self, name: str) -> _Process | None:
+        """The host's PID 1, once a boot (or stop) in flight has ended."""
+        with self._locked(name):
+            return self._running(name)
 
     def _teardown(self, name: str) -> bool:
         """Stop the processes, then the network; True if the host was running."""

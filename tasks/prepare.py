@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any, cast
 
 from prefect import get_run_logger, task
@@ -214,17 +215,11 @@ def prepare_host(spec: PlatformSpec, inventory: Inventory, vm_name: str,
     logger = get_run_logger()
     started = time.monotonic()
     vm = inventory.by_name(vm_name)
-    known = host_keys.public_key(spec, vm)
-    if known is None:
-        raise RuntimeError(f"{vm.name}: no SSH host key is stored for it (secret "
-                           f"{host_keys.secret_name(spec, vm)}); run phase 1 first")
+    as_admin = host_keys.admin_target(spec, vm)
+    bootstrap = replace(as_admin, user=spec.ssh.bootstrap_user)
     admin_key = cast(SshIdentity, load_block(SshIdentity, spec.ssh.identity_block)).public_key()
-    as_admin = HostTarget(str(vm.ip), (known,), user=spec.ssh.user, zone=vm.zone.value,
-                          name=vm.name)
     ops = host_operations(spec, inventory, vm, admin_key)
     reports: list[HostReport] = []
-    bootstrap = HostTarget(str(vm.ip), (known,), user=spec.ssh.bootstrap_user,
-                           zone=vm.zone.value, name=vm.name)
     session, login = first_session(spec, pool, as_admin, bootstrap, logger)
     reports.append(session.run(ops))
     cleanup = bootstrap_removal(spec)

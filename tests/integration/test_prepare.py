@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,6 @@ from flows.provision import provision_vms
 from lab.lab import Lab
 from sizing.inventory import build_inventory
 from tasks import host_keys
-from tasks.hostops import HostTarget
 from tasks.prepare import first_session, ssh_pool
 from tasks.spec import read_spec
 from tests.conftest import LAB_SPEC
@@ -104,12 +104,8 @@ def test_the_first_connection_waits_for_a_restarting_sshd(
     """sshd down for a moment (the host's PID 1 starts it again after 1 s, as systemd would;
     a fresh VM's sshd likewise comes after its IP): phase 2 waits instead of failing."""
     vm = INVENTORY.by_name("lab-gitops-01")
-    known = host_keys.public_key(SPEC, vm)
-    assert known is not None
-    admin = HostTarget(str(vm.ip), (known,), user=SPEC.ssh.user, zone=vm.zone.value,
-                       name=vm.name)
-    bootstrap = HostTarget(str(vm.ip), (known,), user=SPEC.ssh.bootstrap_user,
-                           zone=vm.zone.value, name=vm.name)
+    admin = host_keys.admin_target(SPEC, vm)
+    bootstrap = replace(admin, user=SPEC.ssh.bootstrap_user)
     assert lab.hosts.exec(vm.name, ["pkill", "-x", "sshd"]).returncode == 0
     with ssh_pool(SPEC) as pool, caplog.at_level(logging.INFO):
         session, login = first_session(SPEC, pool, admin, bootstrap, logging.getLogger("t"))
