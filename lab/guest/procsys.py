@@ -45,7 +45,9 @@ import struct
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 # --- what is namespaced, what is global ------------------------------------------------
 
@@ -82,29 +84,14 @@ DEBIAN_KERNEL = {
 INT_MAX = 2**31 - 1
 
 
-def random_uuid() -> str:
-    """A version 4 UUID, as the kernel makes boot_id (without importing uuid and the
-    platform module it pulls in, at every boot)."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = raw[6] & 0x0F | 0x40
-    raw[8] = raw[8] & 0x3F | 0x80
-    text = raw.hex()
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
-
-
+@dataclass(frozen=True)
 class Limits:
-    """The kernel handler's range for a key, and a value after which it is locked.
-    (A plain class: PID 1 imports this module at every boot, and dataclasses costs
-    5 ms of imports.)"""
+    """The kernel handler's range for a key, and a value after which it is locked."""
 
-    __slots__ = ("high", "locked_at", "locked_errno", "low")
-
-    def __init__(self, low: int, high: int, locked_at: int | None = None,
-                 locked_errno: int = errno.EINVAL) -> None:
-        self.low = low
-        self.high = high
-        self.locked_at = locked_at  # once the key holds this value, only it is accepted
-        self.locked_errno = locked_errno
+    low: int
+    high: int
+    locked_at: int | None = None  # once the key holds this value, only it is accepted
+    locked_errno: int = errno.EINVAL
 
 
 # The kernel's ranges for keys that hardening guides set (from the kernel's sysctl tables).
@@ -268,7 +255,7 @@ class Tree:
             for path, value in BRIDGE_DEFAULTS.items():
                 self.keys[path] = Key(path, 0o100644, value)
                 self.virtual[path] = self._br_netfilter_loaded
-        boot_id = f"{random_uuid()}\n".encode()
+        boot_id = f"{uuid.uuid4()}\n".encode()
         self.keys["kernel/random/boot_id"] = Key("kernel/random/boot_id", 0o100444, boot_id)
         self.vdirs: dict[str, set[str]] = {}
         for path in self.virtual:

@@ -14,7 +14,6 @@ import pwd
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -709,8 +708,6 @@ def test_procsys_tree_follows_the_kernel_rules(tmp_path: Path) -> None:
     assert "kernel/hostname" not in tree.keys and "kernel/osrelease" not in tree.keys
     assert tree.keys["net/core/bpf_jit_harden"].value == b"0\n"
     assert tree.key("kernel/yama/ptrace_scope") is not None  # Debian's kernel has it
-    boot_id = uuid.UUID(tree.keys["kernel/random/boot_id"].value.decode().strip())
-    assert boot_id.version == 4 and boot_id.variant == uuid.RFC_4122
 
     printk = tree.keys["kernel/printk"]
     printk.write(b"3 0x4\n", 0)
@@ -730,40 +727,3 @@ def test_procsys_tree_follows_the_kernel_rules(tmp_path: Path) -> None:
     assert tree.stat("net/bridge") is not None
     assert ("bridge-nf-call-iptables", False) in tree.listdir("net/bridge")
     assert tree.keys["net/bridge/bridge-nf-call-iptables"].value == b"1\n"
-
-
-LISTENING_PROBE = """
-import importlib.util, socket, sys
-spec = importlib.util.spec_from_file_location("host_init", sys.argv[1])
-init = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(init)
-def both():
-    return init.listening(), init._listening_in_proc()
-seen = [both()]
-v6 = socket.socket(socket.AF_INET6)
-v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-v6.bind(("::", 2222))
-v6.listen()
-seen.append(both())
-v6.close()
-v4 = socket.socket()
-v4.bind(("0.0.0.0", 22))
-seen.append(both())
-v4.listen()
-seen.append(both())
-print(seen)
-"""
-
-
-def test_pid1_sees_a_listener_in_its_own_namespace_only() -> None:
-    """PID 1 reports ready once sshd listens (lab/host_init.py `listening`): asked through
-    sock_diag, it agrees with /proc/net at each step: nothing in a fresh namespace (the
-    machine's own listeners are not its business), an IPv6-only listener, a socket bound
-    but not listening, an IPv4 listener."""
-    probe = subprocess.run(
-        ["unshare", "--net", "/usr/bin/python3", "-I", "-S", "-c", LISTENING_PROBE,
-         str(Path(__file__).parents[2] / "lab" / "host_init.py")],
-        capture_output=True, text=True, timeout=30)
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == str(
-        [(False, False), (True, True), (False, False), (True, True)])
