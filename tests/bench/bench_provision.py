@@ -5,7 +5,8 @@ taking 500 ms, once at concurrency 1 and once at 8.
 serial_call_s=… call_s=…`: bound_s = ceil(vms / 8) * serial_wall_s / vms (perfect use of 8
 slots); ratio = wall_s / bound_s (target <= 1.25); speedup = serial_wall_s / wall_s
 (target >= 6). Guests boot as lab hosts, so each VM's time includes powering on and waiting
-for its reported IP.
+for its reported IP. Each run is a first provisioning: it makes every VM's SSH host key
+pair and stores it in Prefect (the keys of the first run are deleted with its VMs).
 
 A wall time is the phase's flow run from its start to its end as Prefect records it (the
 duration the UI shows). The `*call_s` figures are the Python call's, which also holds what
@@ -71,6 +72,8 @@ def _run_seconds(flow_run_id: object) -> float:
 
 def main() -> None:
     from flows.provision import provision_vms
+    from sizing.inventory import build_inventory
+    from tasks import host_keys
     from tasks.spec import read_spec
     from tasks.vms import open_hypervisor
     from tests.labkit import lab_with_prefect
@@ -95,12 +98,16 @@ def main() -> None:
                 vms = state.result().created
                 print(f"BENCH provision-vsphere-stages concurrency={concurrency} "
                       + _stage_means(), flush=True)
-                session = open_hypervisor(read_spec(specs[concurrency]))
+                spec = read_spec(specs[concurrency])
+                session = open_hypervisor(spec)
                 try:
                     for vm in session.list_vms():
                         session.delete_vm(vm.name)
                 finally:
                     session.close()
+                # Each run a first provisioning: the next one makes its host keys too.
+                for vm in build_inventory(spec).vms:
+                    host_keys.delete_prefect(spec, vm)
                 deadline = time.monotonic() + 30
                 while lab.hosts.names() and time.monotonic() < deadline:
                     time.sleep(0.2)
