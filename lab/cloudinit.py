@@ -50,9 +50,14 @@ def from_guestinfo(extra_config: Mapping[str, str]) -> tuple[str, str] | None:
     return metadata, userdata
 
 
+# libyaml's loader where PyYAML has it: each guest boot parses its user data, which
+# carries keys and files, on the way to its network coming up.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _yaml(text: str, what: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as error:
         raise CloudInitError(f"{what}: not valid YAML: {error}") from None
     if not isinstance(data, dict):

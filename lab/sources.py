@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 import ssl
 import time
-from collections.abc import Mapping
-from functools import partial
+from collections.abc import Callable, Mapping
+from functools import cache, partial
 from ipaddress import IPv4Address
 from typing import Any
 from urllib.parse import urlsplit
@@ -90,10 +90,14 @@ class VsphereSource:
         for key, (obj, props) in list(self._props.items()):
             if props.get("config.template"):
                 continue
+            # A guest to boot needs both its cloud-init data and its disks: one call.
+            details = cache(partial(self._collect, obj, ["config.extraConfig",
+                                                         "config.hardware.device"]))
             observed.append(ObservedVM(
                 key=key, name=str(props.get("name", key)),
                 powered_on=props.get("runtime.powerState") == "poweredOn",
-                loader=partial(self._cloud_init, obj), disks_loader=partial(self._disks, obj)))
+                loader=partial(self._cloud_init, details),
+                disks_loader=partial(self._disks, details)))
         return observed
 
     def _collect(self, obj: Any, paths: list[str]) -> dict[str, Any]:
@@ -104,16 +108,18 @@ class VsphereSource:
             propSet=[collector.PropertySpec(type=vim.VirtualMachine, pathSet=paths)])])
         return {p.name: p.val for item in result for p in item.propSet}
 
-    def _cloud_init(self, obj: Any) -> tuple[str, str] | None:
-        options = self._collect(obj, ["config.extraConfig"]).get("config.extraConfig")
+    @staticmethod
+    def _cloud_init(details: Callable[[], dict[str, Any]]) -> tuple[str, str] | None:
+        options = details().get("config.extraConfig")
         try:
             return from_guestinfo({o.key: str(o.value) for o in options or []})
         except CloudInitError:
             return None
 
-    def _disks(self, obj: Any) -> tuple[int, ...]:
+    @staticmethod
+    def _disks(details: Callable[[], dict[str, Any]]) -> tuple[int, ...]:
         """The VM's virtual disks in bytes, in device order (the OS disk first)."""
-        devices = self._collect(obj, ["config.hardware.device"]).get("config.hardware.device")
+        devices = details().get("config.hardware.device")
         return tuple(int(d.capacityInBytes or d.capacityInKB * 1024) for d in devices or []
                      if isinstance(d, vim.vm.device.VirtualDisk))
 

@@ -144,25 +144,24 @@ class Watcher:
             return []
         try:
             metadata, userdata = vm.cloud_init
-            probe = host_config(vm.name, metadata, userdata, bridge="")
+            parsed = host_config(vm.name, metadata, userdata, bridge="")
         except CloudInitError as error:
             self._warn_once(f"bad:{vm.key}", f"{vm.name}: cloud-init data unusable: {error}")
             return []
-        bridge = bridge_for_address(self.spec, probe.address.ip)
+        bridge = bridge_for_address(self.spec, parsed.address.ip)
         if bridge is None:
-            self._warn_once(f"zone:{vm.key}", f"{vm.name}: address {probe.address} is in no "
+            self._warn_once(f"zone:{vm.key}", f"{vm.name}: address {parsed.address} is in no "
                             "lab zone; it boots unreachable")
             return []
 
         def report() -> None:
             if vm.key not in self._reported:
-                source.report_guest(vm, probe.address.ip, probe.hostname)
+                source.report_guest(vm, parsed.address.ip, parsed.hostname)
                 self._reported.add(vm.key)
 
         done = []
         if not self.hosts.is_running(vm.name):
-            config = replace(host_config(vm.name, metadata, userdata, bridge=bridge.name),
-                             disks_bytes=vm.disks_bytes)
+            config = replace(parsed, bridge=bridge.name, disks_bytes=vm.disks_bytes)
             # The IP is reported once the guest's network is up, as the guest agent
             # would; sshd comes a moment later (phase 2 waits for it).
             self.hosts.boot(config, on_network=report)
