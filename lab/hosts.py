@@ -161,6 +161,9 @@ class LabHosts:
         self._tag = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:5]
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # Two `losetup --find` at once may pick the same free device; the loser sleeps
+        # 200 ms before it tries again. One at a time here: each takes milliseconds.
+        self._losetup = threading.Lock()
         self._launchers: dict[str, subprocess.Popen[bytes]] = {}
         self._systemctl: Path | None = None
         self._init_net: dict[str, tuple[int, str]] | None = None
@@ -383,12 +386,14 @@ class LabHosts:
             image = directory / f"{name}.img"
             if size <= 0:
                 raise LabHostError(config.name, "attach disks", f"disk {name} has size {size}")
+            if image.exists():
+                self._detach(config.name, image)  # a loop left by a crash: not this boot's
             if not image.exists() or image.stat().st_size < size:
                 with image.open("ab") as handle:
                     os.truncate(handle.fileno(), size)  # sparse: no block written
-            self._detach(config.name, image)  # a loop left by a crash: not this boot's
-            loop = _run(config.name, f"attach disk {name}",
-                        ["losetup", "--find", "--show", "--", str(image)]).strip()
+            with self._losetup:
+                loop = _run(config.name, f"attach disk {name}",
+                            ["losetup", "--find", "--show", "--", str(image)]).strip()
             number = os.stat(loop).st_rdev
             disks.append({"name": name, "size": size, "loop": loop,
                           "major": os.major(number), "minor": os.minor(number)})
