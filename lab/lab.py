@@ -216,6 +216,8 @@ class Lab:
              "where": self.spec.artifacts.mirror},
             {"service": "watcher (guests)", "state": _state(self.watcher),
              "where": f"{len(self.hosts.names())} lab host disk(s)"},
+            {"service": "Prefect database", "state": _state(self.prefect.database.daemon),
+             "where": f"PostgreSQL, socket in {self.prefect.database.socket_dir}"},
             {"service": "Prefect server", "state": "up" if self.prefect.healthy() else "down",
              "where": self.prefect.ui_url},
             {"service": "Prefect worker", "state": _state(self.prefect.daemon("worker")),

@@ -1,4 +1,5 @@
-"""The lab's Prefect: a local server (SQLite, loopback), a process work pool and worker.
+"""The lab's Prefect: a local server (loopback, on PostgreSQL as in production; see
+lab/postgres.py), a process work pool and worker.
 
 Everything lives under the lab's state directory, outside the repository, so
 `platformctl lab down` removes it whole. Processes are started in their own sessions and
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from lab.postgres import PostgresCluster
 from lab.processes import Daemon
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -39,6 +41,10 @@ class PrefectStack:
         return self.state_dir / "prefect"
 
     @property
+    def database(self) -> PostgresCluster:
+        return PostgresCluster(self.state_dir / "postgres")
+
+    @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
@@ -54,6 +60,7 @@ class PrefectStack:
             "PREFECT_API_URL": self.api_url,
             "PREFECT_SERVER_API_HOST": "127.0.0.1",
             "PREFECT_SERVER_API_PORT": str(self.port),
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.database.url,
             "PREFECT_UI_API_URL": self.api_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -79,15 +86,20 @@ class PrefectStack:
                                f"{done.stdout}{done.stderr}")
         return done
 
-    def up(self, timeout: float = 90.0) -> list[str]:
-        """Start what is not running; return what was done (empty when all was up)."""
-        done: list[str] = []
+    def serve(self, timeout: float = 90.0) -> list[str]:
+        """The database and the server, started if they are not running; what was done."""
+        done = self.database.up()
         server = self.daemon("server")
         if not self.healthy():
             if server.pid() is None:
                 server.start([_prefect_exe(), "server", "start"], self.env(), PROJECT_DIR)
                 done.append(f"started Prefect server on {self.ui_url}")
             server.wait_until(self.healthy, timeout, f"healthy on {self.api_url}")
+        return done
+
+    def up(self, timeout: float = 90.0) -> list[str]:
+        """Start what is not running; return what was done (empty when all was up)."""
+        done = self.serve(timeout)
         if self._prefect("work-pool", "inspect", POOL, check=False).returncode != 0:
             self._prefect("work-pool", "create", POOL, "--type", "process")
             done.append(f"created process work pool {POOL}")
@@ -110,7 +122,7 @@ class PrefectStack:
             pid = self.daemon(name).stop()
             if pid is not None:
                 done.append(f"stopped Prefect {name} (pid {pid})")
-        return done
+        return done + self.database.down()
 
     def run_deployment(self, name: str, parameters: dict[str, str]) -> int:
         """`prefect deployment run NAME --watch`: its output streams to ours; its exit code."""

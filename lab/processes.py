@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import signal
 import subprocess
 import time
@@ -31,12 +32,16 @@ class Daemon:
         return None if stat.rsplit(")", 1)[1].split()[0] == "Z" else pid
 
     def start(self, args: list[str], env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> int:
+              cwd: Path | None = None, user: pwd.struct_passwd | None = None) -> int:
+        """Start it in a session of its own, as ``user`` if given (else as we run)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
-            process = subprocess.Popen(args, env=env, cwd=cwd, stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                args, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+                user=None if user is None else user.pw_uid,
+                group=None if user is None else user.pw_gid,
+                extra_groups=None if user is None else [])
         self.pidfile.write_text(str(process.pid))
         return process.pid
 
@@ -71,6 +76,9 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 def _group_alive(pid: int) -> bool:
+    # A leader we started ourselves stays a zombie, and its group "alive", until reaped.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
     try:
         os.killpg(pid, 0)
     except ProcessLookupError:

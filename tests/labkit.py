@@ -8,9 +8,10 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from pydantic import SecretStr
 
@@ -28,11 +29,14 @@ from tests.conftest import LAB_SPEC, exclusive_lab
 
 @contextmanager
 def lab_with_prefect(spec_path: str | Path, vcsim_port: int,
-                     vcsim_args: tuple[str, ...] = ()) -> Iterator[Lab]:
+                     vcsim_args: tuple[str, ...] = (), *,
+                     prefect_on_postgres: bool = False) -> Iterator[Lab]:
     """The lab for ``spec_path`` (vSphere), its blocks saved as the spec names them, in a
-    Prefect test harness; each caller picks its own vcsim port."""
+    Prefect test harness (SQLite), or with ``prefect_on_postgres`` in the lab's own Prefect
+    server on PostgreSQL as `make lab` runs it; each caller picks its own vcsim port."""
     spec = read_spec(spec_path)
     root = Path(tempfile.mkdtemp(prefix="lab-"))
+    root.chmod(0o711)  # PostgreSQL runs as its own user and must reach its directory
     state = root / "state"
     previous = os.environ.get("PLATFORM_LAB_VCSIM_PORT")
     os.environ["PLATFORM_LAB_VCSIM_PORT"] = str(vcsim_port)
@@ -43,7 +47,13 @@ def lab_with_prefect(spec_path: str | Path, vcsim_port: int,
             if vcsim_args:
                 lab.vcsim.up(spec, vcsim_args)
             lab.up(with_prefect=False)
-            with prefect_test_harness(server_startup_timeout=60):
+            with ExitStack() as prefect:
+                if prefect_on_postgres:
+                    lab.prefect.serve()
+                    prefect.enter_context(temporary_settings({PREFECT_API_URL:
+                                                              lab.prefect.api_url}))
+                else:
+                    prefect.enter_context(prefect_test_harness(server_startup_timeout=60))
                 access = lab.vcsim.access()
                 assert access is not None
                 VsphereHypervisor(address=access.address, user=access.user,

@@ -72,7 +72,11 @@ def _leftovers(state: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, lab_spec: PlatformSpec) -> Iterator[Lab]:
-    state = tmp_path_factory.mktemp("lab") / "state"
+    root = tmp_path_factory.mktemp("lab")
+    for path in (root, *root.parents):  # the lab's PostgreSQL runs as `postgres`
+        if not path.stat().st_mode & 0o001:
+            path.chmod(path.stat().st_mode & 0o7777 | 0o001)
+    state = root / "state"
     os.environ["PLATFORM_LAB_VCSIM_PORT"] = "18997"
     lab = Lab(str(LAB_SPEC), lab_spec, state_dir=state,
               prefect=PrefectStack(state_dir=state, port=4317))
@@ -92,6 +96,7 @@ def test_up_status_down_up_again(lab: Lab) -> None:
     assert lab.up() == [], "a second `up` must change nothing"
     services = {row["service"]: row["state"] for row in lab.service_rows()}
     assert all(str(state).startswith("up") for state in services.values()), services
+    assert "Prefect database" in services
     assert lab.vm_rows() == []
 
     removed = lab.down()
