@@ -71,13 +71,17 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NoReturn
+
+TYPE_CHECKING = False  # typing costs milliseconds at each boot, for annotations only
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -99,7 +103,7 @@ GUEST_DIR = Path(__file__).resolve().with_name("guest")
 LAB_RUN = "/run/lab-host"  # the stand-ins' state inside the host
 NIC_FILE = f"{LAB_RUN}/nic"
 CLOUD_NETPLAN = "/etc/netplan/50-cloud-init.yaml"
-CLOUD_NETPLAN_DIGEST = "/var/lib/lab-host/netplan-from-cloud-init"
+CLOUD_NETPLAN_RECORD = "/var/lib/lab-host/netplan-from-cloud-init.json"
 SWAPS_HEADER = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
 # (command, stand-in in lab/guest, whether the stand-in needs the real command,
 #  whether to create the command when the base lacks it)
@@ -393,10 +397,10 @@ def apply_sysctls() -> None:
 def netplan_changed() -> bool:
     """Whether the guest changed its netplan files since cloud-init wrote them."""
     try:
-        recorded = Path(CLOUD_NETPLAN_DIGEST).read_text().strip()
+        recorded = Path(CLOUD_NETPLAN_RECORD).read_text()
     except FileNotFoundError:
         return False
-    return bool(recorded) and recorded != guest_module("netplan").config_digest()
+    return bool(recorded) and recorded != guest_module("netplan").config_record()
 
 
 def configure_network(params: dict[str, Any]) -> None:
@@ -486,18 +490,20 @@ def mount_data_disks(params: dict[str, Any]) -> None:
     if not nodes or not os.path.isfile("/etc/fstab"):
         return
     with step("fstab mounts"):
-        identities: dict[str, str] = {}
-        for node in nodes:
-            found = subprocess.run(["blkid", "-p", "-o", "export", node], capture_output=True,
-                                   text=True, env={"PATH": PATH})
-            identities[node] = node
-            for line in found.stdout.splitlines():
-                key, _, value = line.partition("=")
-                if key in ("LABEL", "UUID") and value:
-                    identities[f"{key}={value}"] = node
-        for line in Path("/etc/fstab").read_text().splitlines():
-            fields = line.split()
-            if len(fields) < 3 or fields[0].startswith("#") or fields[0] not in identities:
+        entries = [fields for fields in map(str.split, Path("/etc/fstab").read_text()
+                                            .splitlines())
+                   if len(fields) >= 3 and not fields[0].startswith("#")]
+        identities = {node: node for node in nodes}
+        if any(fields[0].startswith(("LABEL=", "UUID=")) for fields in entries):
+            for node in nodes:  # (only then: a fresh VM's fstab names no data disk)
+                found = subprocess.run(["blkid", "-p", "-o", "export", node],
+                                       capture_output=True, text=True, env={"PATH": PATH})
+                for line in found.stdout.splitlines():
+                    key, _, value = line.partition("=")
+                    if key in ("LABEL", "UUID") and value:
+                        identities[f"{key}={value}"] = node
+        for fields in entries:
+            if fields[0] not in identities:
                 continue
             node, target, fstype = identities[fields[0]], fields[1], fields[2]
             options = fields[3] if len(fields) > 3 else "defaults"
@@ -538,7 +544,7 @@ def cloud_init_local(params: dict[str, Any]) -> None:
         write_text("/etc/resolv.conf", resolv_conf(params), 0o644)
     with step("cloud-init netplan"):
         write_text(CLOUD_NETPLAN, netplan_yaml(params), 0o600)
-        write_text(CLOUD_NETPLAN_DIGEST, guest_module("netplan").config_digest() + "\n", 0o644)
+        write_text(CLOUD_NETPLAN_RECORD, guest_module("netplan").config_record(), 0o600)
 
 
 def cloud_init(params: dict[str, Any]) -> None:
@@ -726,8 +732,56 @@ def mark_ssh_active() -> None:
         write_text("/run/ssh.service.status", f"MainPID={placeholder.pid}\n", 0o644)
 
 
+# sock_diag (netlink) constants, from linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+TCP_LISTEN = 10
+
+
 def listening() -> bool:
-    """Whether some TCP socket listens in this network namespace (only sshd runs yet)."""
+    """Whether some TCP socket listens in this network namespace (only sshd runs yet).
+
+    Asked through sock_diag, which walks only the listening sockets; reading
+    /proc/net/tcp walks the kernel's whole connection table, about 5 ms of CPU per read
+    on a machine with much memory, and PID 1 asks every few milliseconds while sshd starts.
+    """
+    try:
+        return any(_listening_in(family) for family in (socket.AF_INET, socket.AF_INET6))
+    except OSError:  # a kernel without sock_diag
+        return _listening_in_proc()
+
+
+def _listening_in(family: int) -> bool:
+    """One sock_diag dump of the TCP sockets of `family` in the LISTEN state."""
+    # inet_diag_req_v2: family, protocol, ext, pad, states; then a zeroed inet_diag_sockid.
+    request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN) \
+        + bytes(48)
+    header = struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY,
+                         NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as diag:
+        diag.send(header + request)
+        while True:
+            data = diag.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if kind == SOCK_DIAG_BY_FAMILY:
+                    return True
+                if kind == NLMSG_DONE:
+                    return False
+                if kind == NLMSG_ERROR:
+                    (error,) = struct.unpack_from("=i", data, offset + 16)
+                    raise OSError(-error, f"sock_diag: {os.strerror(-error)}")
+                offset += (length + 3) & ~3
+            if not data:
+                return False
+
+
+def _listening_in_proc() -> bool:
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]

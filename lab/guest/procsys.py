@@ -45,9 +45,7 @@ import struct
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 # --- what is namespaced, what is global ------------------------------------------------
 
@@ -84,14 +82,29 @@ DEBIAN_KERNEL = {
 INT_MAX = 2**31 - 1
 
 
-@dataclass(frozen=True)
-class Limits:
-    """The kernel handler's range for a key, and a value after which it is locked."""
+def random_uuid() -> str:
+    """A version 4 UUID, as the kernel makes boot_id (without importing uuid and the
+    platform module it pulls in, at every boot)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    text = raw.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
-    low: int
-    high: int
-    locked_at: int | None = None  # once the key holds this value, only it is accepted
-    locked_errno: int = errno.EINVAL
+
+class Limits:
+    """The kernel handler's range for a key, and a value after which it is locked.
+    (A plain class: PID 1 imports this module at every boot, and dataclasses costs
+    5 ms of imports.)"""
+
+    __slots__ = ("high", "locked_at", "locked_errno", "low")
+
+    def __init__(self, low: int, high: int, locked_at: int | None = None,
+                 locked_errno: int = errno.EINVAL) -> None:
+        self.low = low
+        self.high = high
+        self.locked_at = locked_at  # once the key holds this value, only it is accepted
+        self.locked_errno = locked_errno
 
 
 # The kernel's ranges for keys that hardening guides set (from the kernel's sysctl tables).
@@ -255,7 +268,7 @@ class Tree:
             for path, value in BRIDGE_DEFAULTS.items():
                 self.keys[path] = Key(path, 0o100644, value)
                 self.virtual[path] = self._br_netfilter_loaded
-        boot_id = f"{uuid.uuid4()}\n".encode()
+        boot_id = f"{random_uuid()}\n".encode()
         self.keys["kernel/random/boot_id"] = Key("kernel/random/boot_id", 0o100444, boot_id)
         self.vdirs: dict[str, set[str]] = {}
         for path in self.virtual:
@@ -582,11 +595,30 @@ class ProcSysFS:
         return out
 
 
+M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+def single_malloc_arena() -> None:
+    """Make every thread of this process allocate from glibc's main arena.
+
+    The first time glibc shrinks the heap of a thread's own arena it opens
+    /proc/sys/vm/overcommit_memory. In the thread serving this file system that open waits
+    for the serving thread itself: a deadlock, and the host's /proc/sys hangs for good
+    (seen as probes of phase 2 stuck at `sysctl`). The main arena never asks. Call it
+    before the serving thread starts.
+    """
+    import ctypes
+
+    if ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1) != 1:
+        raise OSError("mallopt(M_ARENA_MAX, 1) failed: /proc/sys could not be served safely")
+
+
 def mount(target: str, real_fd: int, init_net: dict[str, tuple[int, str]],
           mount_fn: Callable[[str, str, str, int, str], None],
           log: Callable[[str], None] | None = None) -> ProcSysFS:
     """Mount the per-host /proc/sys over `target` and start serving it."""
     tree = Tree(real_fd, init_net)
+    single_malloc_arena()
     fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     server = ProcSysFS(tree, fuse_fd, log)
     mount_fn("lab-procsys", target, "fuse.lab-procsys", 0x2 | 0x4 | 0x8,

@@ -14,6 +14,7 @@ import pwd
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -708,6 +709,8 @@ def test_procsys_tree_follows_the_kernel_rules(tmp_path: Path) -> None:
     assert "kernel/hostname" not in tree.keys and "kernel/osrelease" not in tree.keys
     assert tree.keys["net/core/bpf_jit_harden"].value == b"0\n"
     assert tree.key("kernel/yama/ptrace_scope") is not None  # Debian's kernel has it
+    boot_id = uuid.UUID(tree.keys["kernel/random/boot_id"].value.decode().strip())
+    assert boot_id.version == 4 and boot_id.variant == uuid.RFC_4122
 
     printk = tree.keys["kernel/printk"]
     printk.write(b"3 0x4\n", 0)
@@ -727,3 +730,79 @@ def test_procsys_tree_follows_the_kernel_rules(tmp_path: Path) -> None:
     assert tree.stat("net/bridge") is not None
     assert ("bridge-nf-call-iptables", False) in tree.listdir("net/bridge")
     assert tree.keys["net/bridge/bridge-nf-call-iptables"].value == b"1\n"
+
+
+LISTENING_PROBE = """
+import importlib.util, socket, sys
+spec = importlib.util.spec_from_file_location("host_init", sys.argv[1])
+init = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(init)
+def both():
+    return init.listening(), init._listening_in_proc()
+seen = [both()]
+v6 = socket.socket(socket.AF_INET6)
+v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+v6.bind(("::", 2222))
+v6.listen()
+seen.append(both())
+v6.close()
+v4 = socket.socket()
+v4.bind(("0.0.0.0", 22))
+seen.append(both())
+v4.listen()
+seen.append(both())
+print(seen)
+"""
+
+
+def test_pid1_sees_a_listener_in_its_own_namespace_only() -> None:
+    """PID 1 reports ready once sshd listens (lab/host_init.py `listening`): asked through
+    sock_diag, it agrees with /proc/net at each step: nothing in a fresh namespace (the
+    machine's own listeners are not its business), an IPv6-only listener, a socket bound
+    but not listening, an IPv4 listener."""
+    probe = subprocess.run(
+        ["unshare", "--net", "/usr/bin/python3", "-I", "-S", "-c", LISTENING_PROBE,
+         str(Path(__file__).parents[2] / "lab" / "host_init.py")],
+        capture_output=True, text=True, timeout=30)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == str(
+        [(False, False), (True, True), (False, False), (True, True)])
+
+
+ARENA_PROBE = """
+import ctypes, os, sys, tempfile, threading
+sys.path.insert(0, sys.argv[1])
+from lab.guest import procsys
+if sys.argv[2] == "single":
+    procsys.single_malloc_arena()
+def churn():
+    blocks = [ctypes.create_string_buffer(200_000) for _ in range(50)]
+    del blocks
+thread = threading.Thread(target=churn)
+thread.start()
+thread.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+path = tempfile.mktemp()
+stream = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+print(open(path).read().count("<heap nr="))
+os.unlink(path)
+"""
+
+
+@pytest.mark.parametrize(("mode", "heaps"), [("default", 2), ("single", 1)])
+def test_procsys_server_thread_allocates_from_the_main_arena(mode: str, heaps: int) -> None:
+    """A thread of its own arena makes glibc open /proc/sys/vm/overcommit_memory when it
+    shrinks that arena; the /proc/sys server thread would wait for itself (lab/guest/
+    procsys.py `single_malloc_arena`). With it, a thread's allocations stay in the main
+    arena: glibc's malloc_info lists one heap, against two without (the control)."""
+    probe = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", ARENA_PROBE,
+                            str(Path(__file__).parents[2]), mode],
+                           capture_output=True, text=True, timeout=30)
+    assert probe.returncode == 0, probe.stderr
+    assert int(probe.stdout) == heaps
