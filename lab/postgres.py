@@ -127,11 +127,11 @@ def _account() -> pwd.struct_passwd:
 def _check_reachable(directory: Path, account: pwd.struct_passwd) -> None:
     """PostgreSQL runs as `postgres`: every directory above its own must let others in."""
     for path in [directory, *directory.parents]:
-        mode = path.stat().st_mode
-        if not mode & stat.S_IXOTH and path.stat().st_uid != account.pw_uid:
+        info = path.stat()
+        if not info.st_mode & stat.S_IXOTH and info.st_uid != account.pw_uid:
             raise RuntimeError(f"the lab's PostgreSQL runs as {OS_USER!r}, which cannot enter "
-                               f"{path} (mode {stat.filemode(mode)}); give it o+x or put the "
-                               "lab state elsewhere (PLATFORM_LAB_STATE)")
+                               f"{path} (mode {stat.filemode(info.st_mode)}); give it o+x or "
+                               "put the lab state elsewhere (PLATFORM_LAB_STATE)")
 
 
 def _env() -> dict[str, str]:

@@ -27,6 +27,14 @@ from tasks.spec import read_spec
 from tests.conftest import LAB_SPEC, exclusive_lab
 
 
+def lab_root() -> Path:
+    """A fresh directory for a lab's state that the lab's PostgreSQL, which runs as its own
+    system user, can enter (under /tmp, mode 0711); the caller removes it."""
+    root = Path(tempfile.mkdtemp(prefix="lab-"))
+    root.chmod(0o711)
+    return root
+
+
 @contextmanager
 def lab_with_prefect(spec_path: str | Path, vcsim_port: int,
                      vcsim_args: tuple[str, ...] = (), *,
@@ -35,8 +43,7 @@ def lab_with_prefect(spec_path: str | Path, vcsim_port: int,
     Prefect test harness (SQLite), or with ``prefect_on_postgres`` in the lab's own Prefect
     server on PostgreSQL as `make lab` runs it; each caller picks its own vcsim port."""
     spec = read_spec(spec_path)
-    root = Path(tempfile.mkdtemp(prefix="lab-"))
-    root.chmod(0o711)  # PostgreSQL runs as its own user and must reach its directory
+    root = lab_root()
     state = root / "state"
     previous = os.environ.get("PLATFORM_LAB_VCSIM_PORT")
     os.environ["PLATFORM_LAB_VCSIM_PORT"] = str(vcsim_port)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from sizing.inventory import build_inventory
 from sizing.spec import PlatformSpec
 from tasks.cloud_init import HostKey, render_cloud_init
 from tests.conftest import LAB_SPEC, exclusive_lab
+from tests.labkit import lab_root
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -71,11 +73,8 @@ def _leftovers(state: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, lab_spec: PlatformSpec) -> Iterator[Lab]:
-    root = tmp_path_factory.mktemp("lab")
-    for path in (root, *root.parents):  # the lab's PostgreSQL runs as `postgres`
-        if not path.stat().st_mode & 0o001:
-            path.chmod(path.stat().st_mode & 0o7777 | 0o001)
+def lab(lab_spec: PlatformSpec) -> Iterator[Lab]:
+    root = lab_root()
     state = root / "state"
     os.environ["PLATFORM_LAB_VCSIM_PORT"] = "18997"
     lab = Lab(str(LAB_SPEC), lab_spec, state_dir=state,
@@ -87,6 +86,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, lab_spec: PlatformSpec) -> Ite
             lab.down()
             os.environ.pop("PLATFORM_LAB_VCSIM_PORT", None)
             assert _leftovers(state) == []
+            shutil.rmtree(root)
 
 
 def test_up_status_down_up_again(lab: Lab) -> None:
