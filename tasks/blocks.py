@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
@@ -35,3 +36,18 @@ def load_block(kind: Any, name: str) -> Any:
             _BLOCKS.clear()
         _BLOCKS[key] = block
     return block
+
+
+def secret_text(value: str | dict[str, Any]) -> str:
+    """What a Secret block stores: a text, and a mapping as its JSON text. Prefect 3.9
+    masks a Secret whose value is a text (`********` in the UI and to any API reader
+    without `include_secrets`), but shows one whose value is a mapping in the clear."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def secret_mapping(value: object) -> dict[str, Any]:
+    """A mapping stored with `secret_text` (or, by earlier versions, as a mapping)."""
+    data = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(data, dict):
+        raise ValueError(f"a Secret block meant to hold a mapping holds a {type(data).__name__}")
+    return data

@@ -11,8 +11,9 @@ functions except into the VM's cloud-init data; task results carry public keys a
 
 from __future__ import annotations
 
-import json
+import threading
 from typing import cast
+from uuid import UUID
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -20,6 +21,7 @@ from prefect.blocks.system import Secret
 
 from sizing.inventory import VM
 from sizing.spec import PlatformSpec
+from tasks.blocks import MissingBlock, secret_mapping, secret_text
 from tasks.cloud_init import HostKey
 from tasks.hostops import HostTarget
 
@@ -71,7 +73,6 @@ def stored(spec: PlatformSpec, vms: list[VM]) -> set[str]:
 
 
 def _stored_in_vault(spec: PlatformSpec, vms: list[VM]) -> set[str]:
-    from tasks.blocks import MissingBlock
     from tasks.vault import KV_MOUNT, service_client
 
     try:
@@ -93,7 +94,6 @@ def _stored_in_vault(spec: PlatformSpec, vms: list[VM]) -> set[str]:
 
 
 def _load_vault(spec: PlatformSpec, vm: VM) -> HostKey | None:
-    from tasks.blocks import MissingBlock
     from tasks.vault import kv_read, service_client
 
     try:
@@ -123,28 +123,59 @@ def load_prefect(spec: PlatformSpec, vm: VM) -> HostKey | None:
         secret = cast(Secret, Secret.load(secret_name(spec, vm)))
     except ValueError:  # Prefect's "block not found"
         return None
-    data = secret.get()
-    if isinstance(data, str):
-        data = json.loads(data)
+    data = secret_mapping(secret.get())
     return HostKey(str(data["kind"]), str(data["private"]), str(data["public"]))
 
 
 def create(spec: PlatformSpec, vm: VM) -> HostKey:
     """A new pair, stored before anything uses it. Never overwrites: if a pair was stored
     meanwhile (a retried task made it before failing), that one is returned."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import BlockDocumentCreate
     from prefect.exceptions import ObjectAlreadyExists
 
     key = generate()
+    type_id, schema_id = _secret_block_ids()
     try:
-        Secret(value={"kind": key.kind, "private": key.private, "public": key.public}).save(
-            secret_name(spec, vm), overwrite=False)
-    except ValueError as error:  # Prefect's "name already in use"
-        kept = load_prefect(spec, vm) if isinstance(error.__cause__, ObjectAlreadyExists) \
-            else None
+        with get_client(sync_client=True) as client:
+            client.create_block_document(BlockDocumentCreate(
+                name=secret_name(spec, vm), block_type_id=type_id, block_schema_id=schema_id,
+                data={"value": secret_text({"kind": key.kind, "private": key.private,
+                                            "public": key.public})}))
+    except ObjectAlreadyExists:
+        kept = load_prefect(spec, vm)
         if kept is None:
             raise
         return kept
     return key
+
+
+_SECRET_IDS: dict[str, tuple[UUID, UUID]] = {}
+_SECRET_IDS_LOCK = threading.Lock()
+
+
+def _secret_block_ids() -> tuple[UUID, UUID]:
+    """The Secret block's type and schema ids on this Prefect server, looked up once per
+    flow run: `Secret.save` reads both on every call, three round trips where one does
+    when 60 VMs store their pairs at once. Every Prefect server installs the Secret type
+    and its schema when it starts (a protected system block)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    with _SECRET_IDS_LOCK:
+        if run_id is not None and str(run_id) in _SECRET_IDS:
+            return _SECRET_IDS[str(run_id)]
+        with get_client(sync_client=True) as client:
+            block_type = client.read_block_type_by_slug(Secret.get_block_type_slug())
+            schema = client.get_most_recent_block_schema_for_block_type(block_type.id)
+        if schema is None:
+            raise RuntimeError("this Prefect server has no schema for its Secret block type")
+        if run_id is not None:
+            if len(_SECRET_IDS) > 64:  # a long-lived process: keep only recent runs
+                _SECRET_IDS.clear()
+            _SECRET_IDS[str(run_id)] = (block_type.id, schema.id)
+        return block_type.id, schema.id
 
 
 def public_key(spec: PlatformSpec, vm: VM) -> str | None:

@@ -46,7 +46,7 @@ from sizing.storage import data_dir
 from sizing.tiers import Role
 from tasks import host_keys, pki
 from tasks.artifacts import install_binary
-from tasks.blocks import MissingBlock, load_block
+from tasks.blocks import MissingBlock, load_block, secret_mapping, secret_text
 from tasks.hostops import (
     Command,
     ConnectionPool,
@@ -236,11 +236,11 @@ def wait_until_serving(client: hvac.Client, name: str, timeout: float = 90.0) ->
         time.sleep(0.5)
 
 
-def _save_secret(name: str, value: Any, what: str) -> None:
+def _save_secret(name: str, value: str | dict[str, Any], what: str) -> None:
     """Save a Prefect Secret, retrying: losing what Vault gave once would lose Vault."""
     for attempt in range(6):
         try:
-            Secret(value=value).save(name, overwrite=True)
+            Secret(value=secret_text(value)).save(name, overwrite=True)
             return
         except Exception as error:  # the Prefect API: any failure is worth a retry here
             if attempt == 5:
@@ -333,7 +333,8 @@ def unseal(client: hvac.Client, spec: PlatformSpec, name: str,
     status = client.sys.read_seal_status()
     if not status["sealed"]:
         return False
-    stored = _load_secret(unseal_secret_name(spec))
+    found = _load_secret(unseal_secret_name(spec))
+    stored = secret_mapping(found) if found else None
     if spec.vault.unseal == "prefect":
         if not stored or stored.get("mode") != "prefect":
             raise VaultError(f"{name}: Vault is sealed and the Prefect Secret "

@@ -22,6 +22,7 @@ from flows.provision import provision_vms
 from lab.lab import Lab
 from sizing.inventory import build_inventory
 from tasks import host_keys
+from tasks.blocks import secret_text
 from tasks.prepare import first_session, ssh_pool
 from tasks.spec import read_spec
 from tests.conftest import LAB_SPEC
@@ -120,8 +121,8 @@ def test_changed_host_key_is_refused(lab: Lab, tmp_path: Path) -> None:
     name = host_keys.secret_name(SPEC, vm)
     original = Secret.load(name).get()
     other = host_keys.generate()
-    Secret(value={"kind": other.kind, "private": other.private, "public": other.public}).save(
-        name, overwrite=True)
+    Secret(value=secret_text({"kind": other.kind, "private": other.private,
+                              "public": other.public})).save(name, overwrite=True)
     try:
         state = prepare_vms(spec_path=str(LAB_SPEC), return_state=True)
         assert state.is_failed()

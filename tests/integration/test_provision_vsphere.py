@@ -152,6 +152,17 @@ def test_tier_100_provisioned_then_unchanged(lab: Lab) -> None:
     assert table is not None and '"created"' in table.data
     assert "BEGIN OPENSSH PRIVATE KEY" not in table.data
 
+    # Each pair is a Secret block whose value Prefect treats as secret: read without
+    # secrets it is obfuscated. A retried task that makes the pair again gets the stored one.
+    vault = inventory.by_name("lab-vault-01")
+    with get_client(sync_client=True) as client:
+        document = client.read_block_document_by_name(
+            host_keys.secret_name(spec, vault), "secret", include_secrets=False)
+    assert "PRIVATE KEY" not in str(document.data)
+    pair = host_keys.load_prefect(spec, vault)
+    assert pair is not None and "BEGIN OPENSSH PRIVATE KEY" in pair.private
+    assert host_keys.create(spec, vault) == pair
+
     # The second run learns which VMs have a stored host key from one listing.
     assert host_keys.stored(spec, list(inventory.vms)) == {vm.name for vm in inventory.vms}
     assert host_keys.stored(spec, [inventory.by_name("lab-vault-01")]) == {"lab-vault-01"}

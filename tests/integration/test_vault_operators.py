@@ -24,6 +24,7 @@ from prefect.testing.utilities import prefect_test_harness
 from sizing.spec import PlatformSpec
 from sizing.validate import parse_spec
 from tasks import pki
+from tasks.blocks import secret_mapping
 from tasks.vault import (
     VaultError,
     initialise,
@@ -130,7 +131,7 @@ def test_shares_go_to_the_operators_and_the_phase_waits_for_them(
         bao: hvac.Client, operators: dict[str, Path]) -> None:
     spec = _spec(operators)
     assert initialise(bao, spec, Path("/")) is True
-    stored = cast(Secret, Secret.load(unseal_secret_name(spec))).get()
+    stored = secret_mapping(cast(Secret, Secret.load(unseal_secret_name(spec))).get())
     assert stored["mode"] == "operators" and len(stored["keys"]) == 3
 
     # The orchestrator cannot unseal with what it holds: each share is PGP ciphertext.
