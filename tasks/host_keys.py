@@ -127,14 +127,14 @@ def load_prefect(spec: PlatformSpec, vm: VM) -> HostKey | None:
     return HostKey(str(data["kind"]), str(data["private"]), str(data["public"]))
 
 
-def create(spec: PlatformSpec, vm: VM) -> HostKey:
-    """A new pair, stored before anything uses it. Never overwrites: if a pair was stored
-    meanwhile (a retried task made it before failing), that one is returned."""
+def store(spec: PlatformSpec, vm: VM, key: HostKey) -> HostKey:
+    """Keep a new pair as the VM's secret. Never overwrites: if a pair was stored
+    meanwhile (by an earlier try of the same task), that one is returned instead, and the
+    caller must use it rather than ``key``."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import BlockDocumentCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    key = generate()
     type_id, schema_id = _secret_block_ids()
     try:
         with get_client(sync_client=True) as client:

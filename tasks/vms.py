@@ -4,15 +4,17 @@ and shared by the tasks of one flow run (`hypervisor`, `close_sessions`)."""
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import cast
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 
 from blocks.hypervisor import (
     EnsureResult,
@@ -26,7 +28,7 @@ from sizing.inventory import VM, Inventory
 from sizing.spec import PlatformSpec
 from tasks import host_keys
 from tasks.blocks import load_block
-from tasks.cloud_init import render_cloud_init
+from tasks.cloud_init import HostKey, render_cloud_init
 from tasks.retry import transient_only
 
 
@@ -189,10 +191,19 @@ def _ensure_running(spec: PlatformSpec, vm: VM, keyed: frozenset[str],
                     ) -> tuple[EnsureResult, list[str], str]:
     """The VM made or checked, powered on, reporting its IP: (result, changes, IP)."""
     cloud_init = None
+    storing: tuple[HostKey, Future[HostKey]] | None = None
     if session.find_vm(vm.name) is None:
-        key = host_keys.load(spec, vm) if vm.name in keyed else None
-        key = key or host_keys.create(spec, vm)
-        stages.mark("host key")
+        key = None
+        # A pair may be stored already: by an earlier run, or by this task's earlier try.
+        if vm.name in keyed or (task_run.run_count or 1) > 1:
+            key = host_keys.load(spec, vm)
+        if key is None:
+            key = host_keys.generate()
+            # Stored while the hypervisor clones (each takes a while), and awaited before
+            # the VM first powers on: no VM boots with a pair that is not kept. (In this
+            # run's Prefect context: its settings and its run.)
+            storing = key, _KEY_STORES.submit(contextvars.copy_context().run,
+                                              host_keys.store, spec, vm, key)
         identity = cast(SshIdentity, load_block(SshIdentity, spec.ssh.identity_block))
         cloud_init = render_cloud_init(spec, vm, [identity.public_key()], [key],
                                        instance_id=f"{spec.name}-{vm.name}")
@@ -201,12 +212,20 @@ def _ensure_running(spec: PlatformSpec, vm: VM, keyed: frozenset[str],
         raise HypervisorError(
             f"VM {vm.name} exists but its SSH host key secret "
             f"{host_keys.secret_name(spec, vm)} is missing (in Prefect and in Vault), so "
-            "no later phase could verify it; restore the secret or delete the VM")
-    result = session.ensure_vm(VmWanted(
-        name=vm.name, vcpu=vm.vcpu, memory_gb=vm.memory_gb, disks_gb=vm.disks_gb,
-        network=spec.zones.get(vm.zone).network, owner=spec.name, cloud_init=cloud_init),
-        resize=spec.hypervisor.resize)
+            "no later phase could verify it; restore the secret, or delete the VM (safe if "
+            "it never booted: a run stopped while creating it) and run phase 1 again")
+    try:
+        result = session.ensure_vm(VmWanted(
+            name=vm.name, vcpu=vm.vcpu, memory_gb=vm.memory_gb, disks_gb=vm.disks_gb,
+            network=spec.zones.get(vm.zone).network, owner=spec.name, cloud_init=cloud_init),
+            resize=spec.hypervisor.resize)
+    finally:
+        if storing is not None:
+            wait([storing[1]])  # whatever happened, the store is over before we go on
     stages.mark(result.action if result.action != "unchanged" else "compare")
+    if storing is not None:
+        _kept_or_undone(session, vm, *storing, created=result.action == "created")
+        stages.mark("host key stored")
     changes = list(result.changes)
     if session.power_on(vm.name):
         changes.append("powered on")
@@ -214,3 +233,25 @@ def _ensure_running(spec: PlatformSpec, vm: VM, keyed: frozenset[str],
     ip = session.wait_for_ip(vm.name, str(vm.ip), timeout=spec.hypervisor.boot_timeout)
     stages.mark("guest IP")
     return result, changes, ip
+
+
+# Host-key stores run beside the clones (beyond 16 at once they queue: each is one API call).
+_KEY_STORES = ThreadPoolExecutor(max_workers=16, thread_name_prefix="host-key-store")
+
+
+def _kept_or_undone(session: HypervisorSession, vm: VM, key: HostKey,
+                    storing: Future[HostKey], created: bool) -> None:
+    """The VM's new pair is kept; if it is not, the VM just made with it (never powered
+    on) is deleted again, so that no VM exists whose host key nobody can verify."""
+    try:
+        kept = storing.result()
+        if kept == key:
+            return
+        problem: Exception = TransientHypervisorError(
+            f"VM {vm.name}: another host key pair was stored for it meanwhile; the VM made "
+            "with the new one is deleted and made again with the stored one")
+    except Exception as error:
+        problem = error
+    if created:
+        session.delete_vm(vm.name)
+    raise problem

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import socket
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from prefect import get_client
+from prefect.blocks.system import Secret
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 from pydantic import SecretStr
@@ -27,6 +29,7 @@ from lab.lab import Lab
 from lab.vcsim import all_of, connect
 from sizing.inventory import build_inventory
 from tasks import host_keys
+from tasks.cloud_init import HostKey
 from tasks.spec import read_spec
 from tests.conftest import LAB_SPEC
 from tests.labkit import lab_with_prefect
@@ -161,7 +164,7 @@ def test_tier_100_provisioned_then_unchanged(lab: Lab) -> None:
     assert "PRIVATE KEY" not in str(document.data)
     pair = host_keys.load_prefect(spec, vault)
     assert pair is not None and "BEGIN OPENSSH PRIVATE KEY" in pair.private
-    assert host_keys.create(spec, vault) == pair
+    assert host_keys.store(spec, vault, host_keys.generate()) == pair
 
     # The second run learns which VMs have a stored host key from one listing.
     assert host_keys.stored(spec, list(inventory.vms)) == {vm.name for vm in inventory.vms}
@@ -244,7 +247,7 @@ def test_bad_password_fails_at_once(lab: Lab, tmp_path: Path) -> None:
 
 
 def test_a_vm_destroyed_while_booting_is_named(lab: Lab) -> None:
-    """Last in this file: it destroys a VM the earlier tests use."""
+    """Late in this file: it destroys a VM the earlier tests use."""
     waiting, other = _session(lab), _session(lab)
     try:
         assert waiting.find_vm("lab-vault-01") is not None
@@ -254,3 +257,47 @@ def test_a_vm_destroyed_while_booting_is_named(lab: Lab) -> None:
     finally:
         waiting.close()
         other.close()
+
+
+def test_a_vm_whose_host_key_is_not_kept_is_deleted_again(
+        lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new VM's pair is stored while vCenter clones it; a VM whose pair could not be
+    kept is deleted before it ever boots, and one whose pair another try stored meanwhile
+    is made again with that pair."""
+    spec = read_spec(LAB_SPEC)
+    vm = build_inventory(spec).by_name("lab-vault-01")
+    provision_vms(spec_path=str(LAB_SPEC))  # the others exist, whatever ran before
+    session = _session(lab)
+    try:
+        session.delete_vm(vm.name)
+    finally:
+        session.close()
+    with contextlib.suppress(ValueError):
+        Secret.delete(host_keys.secret_name(spec, vm))
+    real_store = host_keys.store
+
+    def refused(*args: Any) -> HostKey:
+        raise RuntimeError("the Prefect API refused the secret (test)")
+
+    monkeypatch.setattr(host_keys, "store", refused)
+    state = provision_vms(spec_path=str(LAB_SPEC), return_state=True)
+    assert state.is_failed()
+    assert "lab-vault-01: the Prefect API refused the secret (test)" in str(
+        state.result(raise_on_failure=False))
+    assert vm.name not in _vms(lab)
+    assert host_keys.load_prefect(spec, vm) is None
+
+    other = host_keys.generate()
+    calls: list[str] = []
+
+    def stored_meanwhile(spec: Any, vm: Any, key: HostKey) -> HostKey:
+        calls.append(vm.name)
+        return real_store(spec, vm, other)  # as if an earlier try had stored its own pair
+
+    monkeypatch.setattr(host_keys, "store", stored_meanwhile)
+    result = provision_vms(spec_path=str(LAB_SPEC))
+    assert (result.created, result.unchanged) == (1, 17)
+    assert calls == [vm.name], "the retry uses the stored pair and stores nothing"
+    extra = {o.key: o.value for o in _vms(lab)[vm.name].config.extraConfig}
+    assert other.public in base64.b64decode(extra["guestinfo.userdata"]).decode()
+    assert lab.hosts.booted(vm.name)
