@@ -14,28 +14,41 @@ class MissingBlock(RuntimeError):
 
 _BLOCKS: dict[tuple[str, str, str], Any] = {}
 _BLOCKS_LOCK = threading.Lock()
+_LOADING: dict[tuple[str, str, str], threading.Lock] = {}
 
 
 def load_block(kind: Any, name: str) -> Any:
     """Load a block once per flow run and process: a phase's tasks all use the same
-    credentials, and a load per task is an API round trip per VM for nothing."""
+    credentials, and a load per task is an API round trip per VM for nothing. Tasks that
+    start together wait for one load rather than each making its own."""
     run_id = flow_run.get_id()
+    if run_id is None:  # outside a flow run nothing says when the block may change
+        return _load(kind, name)
     key = (str(run_id), kind.__name__, name)
     with _BLOCKS_LOCK:
-        if run_id is not None and key in _BLOCKS:
+        if key in _BLOCKS:
             return _BLOCKS[key]
+        loading = _LOADING.setdefault(key, threading.Lock())
+    with loading:
+        with _BLOCKS_LOCK:
+            if key in _BLOCKS:
+                return _BLOCKS[key]
+        block = _load(kind, name)
+        with _BLOCKS_LOCK:
+            if len(_BLOCKS) > 64:  # runs of a long-lived process: keep only recent ones
+                _BLOCKS.clear()
+                _LOADING.clear()
+            _BLOCKS[key] = block
+            _LOADING.pop(key, None)
+    return block
+
+
+def _load(kind: Any, name: str) -> Any:
     try:
-        block = kind.load(name)
+        return kind.load(name)
     except ValueError as error:
         raise MissingBlock(f"Prefect block {name!r} ({kind.__name__}) cannot be loaded: "
-                              f"{error}; create it first (see the README)") from None
-    if run_id is None:
-        return block  # outside a flow run nothing says when the block may change: no cache
-    with _BLOCKS_LOCK:
-        if len(_BLOCKS) > 64:  # runs of a long-lived process: keep only recent ones
-            _BLOCKS.clear()
-        _BLOCKS[key] = block
-    return block
+                           f"{error}; create it first (see the README)") from None
 
 
 def secret_text(value: str | dict[str, Any]) -> str:
