@@ -2,7 +2,8 @@
 
 Started by lab/hosts.py as
 `setsid ip netns exec NS unshare --uts --ipc --mount --pid --fork --mount-proc --kill-child
---propagation private /usr/bin/python3 host_init.py PARAMS.json`, so it already sits in the
+--propagation private /usr/bin/python3 -c <import host_init.py> host_init.py PARAMS.json`
+(imported, so that its bytecode is cached), so it already sits in the
 host's network, UTS, IPC, mount and PID namespaces. It runs under the machine's
 /usr/bin/python3 with the standard library only: it must not depend on the project venv,
 which the host sees like any other directory of the base.
