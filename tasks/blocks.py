@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from prefect.runtime import flow_run
 
@@ -12,35 +13,44 @@ from prefect.runtime import flow_run
 class MissingBlock(RuntimeError):
     """A block the spec names does not exist in this Prefect (permanent: create it)."""
 
-_BLOCKS: dict[tuple[str, str, str], Any] = {}
-_BLOCKS_LOCK = threading.Lock()
-_LOADING: dict[tuple[str, str, str], threading.Lock] = {}
+T = TypeVar("T")
+
+_PER_RUN: dict[tuple[str, ...], Any] = {}
+_PER_RUN_LOCK = threading.Lock()
+_MAKING: dict[tuple[str, ...], threading.Lock] = {}
+
+
+def once_per_flow_run(what: tuple[str, ...], make: Callable[[], T]) -> T:
+    """``make()`` once per flow run and process, for what all of a run's tasks share (its
+    blocks, ids on the Prefect server); tasks that ask together wait for one call rather
+    than each making its own. Outside a flow run nothing says when the answer may
+    change: it is made at every call."""
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return make()
+    key = (str(run_id), *what)
+    with _PER_RUN_LOCK:
+        if key in _PER_RUN:
+            return cast(T, _PER_RUN[key])
+        making = _MAKING.setdefault(key, threading.Lock())
+    with making:
+        with _PER_RUN_LOCK:
+            if key in _PER_RUN:
+                return cast(T, _PER_RUN[key])
+        value = make()
+        with _PER_RUN_LOCK:
+            if len(_PER_RUN) > 64:  # runs of a long-lived process: keep only recent ones
+                _PER_RUN.clear()
+                _MAKING.clear()
+            _PER_RUN[key] = value
+            _MAKING.pop(key, None)
+    return value
 
 
 def load_block(kind: Any, name: str) -> Any:
     """Load a block once per flow run and process: a phase's tasks all use the same
-    credentials, and a load per task is an API round trip per VM for nothing. Tasks that
-    start together wait for one load rather than each making its own."""
-    run_id = flow_run.get_id()
-    if run_id is None:  # outside a flow run nothing says when the block may change
-        return _load(kind, name)
-    key = (str(run_id), kind.__name__, name)
-    with _BLOCKS_LOCK:
-        if key in _BLOCKS:
-            return _BLOCKS[key]
-        loading = _LOADING.setdefault(key, threading.Lock())
-    with loading:
-        with _BLOCKS_LOCK:
-            if key in _BLOCKS:
-                return _BLOCKS[key]
-        block = _load(kind, name)
-        with _BLOCKS_LOCK:
-            if len(_BLOCKS) > 64:  # runs of a long-lived process: keep only recent ones
-                _BLOCKS.clear()
-                _LOADING.clear()
-            _BLOCKS[key] = block
-            _LOADING.pop(key, None)
-    return block
+    credentials, and a load per task is an API round trip per VM for nothing."""
+    return once_per_flow_run(("block", kind.__name__, name), lambda: _load(kind, name))
 
 
 def _load(kind: Any, name: str) -> Any:

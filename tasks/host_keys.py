@@ -11,17 +11,19 @@ functions except into the VM's cloud-init data; task results carry public keys a
 
 from __future__ import annotations
 
-import threading
 from typing import cast
 from uuid import UUID
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from prefect.blocks.system import Secret
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import BlockDocumentCreate
+from prefect.exceptions import ObjectAlreadyExists
 
 from sizing.inventory import VM
 from sizing.spec import PlatformSpec
-from tasks.blocks import MissingBlock, secret_mapping, secret_text
+from tasks.blocks import MissingBlock, once_per_flow_run, secret_mapping, secret_text
 from tasks.cloud_init import HostKey
 from tasks.hostops import HostTarget
 
@@ -55,8 +57,6 @@ def load(spec: PlatformSpec, vm: VM) -> HostKey | None:
 def stored(spec: PlatformSpec, vms: list[VM]) -> set[str]:
     """The names of those VMs whose pair is stored, in one Prefect call (and one Vault
     call if Prefect lacks some): phase 1 asks once, not once per VM."""
-    from prefect.client.orchestration import get_client
-
     names = {secret_name(spec, vm): vm.name for vm in vms}
     found: set[str] = set()
     with get_client(sync_client=True) as client:
@@ -131,10 +131,6 @@ def store(spec: PlatformSpec, vm: VM, key: HostKey) -> HostKey:
     """Keep a new pair as the VM's secret. Never overwrites: if a pair was stored
     meanwhile (by an earlier try of the same task), that one is returned instead, and the
     caller must use it rather than ``key``."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import BlockDocumentCreate
-    from prefect.exceptions import ObjectAlreadyExists
-
     type_id, schema_id = _secret_block_ids()
     try:
         with get_client(sync_client=True) as client:
@@ -150,32 +146,21 @@ def store(spec: PlatformSpec, vm: VM, key: HostKey) -> HostKey:
     return key
 
 
-_SECRET_IDS: dict[str, tuple[UUID, UUID]] = {}
-_SECRET_IDS_LOCK = threading.Lock()
-
-
 def _secret_block_ids() -> tuple[UUID, UUID]:
     """The Secret block's type and schema ids on this Prefect server, looked up once per
     flow run: `Secret.save` reads both on every call, three round trips where one does
     when 60 VMs store their pairs at once. Every Prefect server installs the Secret type
     and its schema when it starts (a protected system block)."""
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
 
-    run_id = flow_run.get_id()
-    with _SECRET_IDS_LOCK:
-        if run_id is not None and str(run_id) in _SECRET_IDS:
-            return _SECRET_IDS[str(run_id)]
+    def read() -> tuple[UUID, UUID]:
         with get_client(sync_client=True) as client:
             block_type = client.read_block_type_by_slug(Secret.get_block_type_slug())
             schema = client.get_most_recent_block_schema_for_block_type(block_type.id)
         if schema is None:
             raise RuntimeError("this Prefect server has no schema for its Secret block type")
-        if run_id is not None:
-            if len(_SECRET_IDS) > 64:  # a long-lived process: keep only recent runs
-                _SECRET_IDS.clear()
-            _SECRET_IDS[str(run_id)] = (block_type.id, schema.id)
         return block_type.id, schema.id
+
+    return once_per_flow_run(("secret-block-ids",), read)
 
 
 def public_key(spec: PlatformSpec, vm: VM) -> str | None:

@@ -195,7 +195,7 @@ def _ensure_running(spec: PlatformSpec, vm: VM, keyed: frozenset[str],
     if session.find_vm(vm.name) is None:
         key = None
         # A pair may be stored already: by an earlier run, or by this task's earlier try.
-        if vm.name in keyed or (task_run.run_count or 1) > 1:
+        if vm.name in keyed or task_run.run_count > 1:
             key = host_keys.load(spec, vm)
         if key is None:
             key = host_keys.generate()
