@@ -1,12 +1,9 @@
 """PID 1 of a lab host: builds the guest's root, plays cloud-init, then supervises sshd.
 
-Started by lab/hosts.py as
-`setsid ip netns exec NS unshare --uts --ipc --mount --pid --fork --mount-proc --kill-child
---propagation private /usr/bin/python3 -c <import host_init.py> host_init.py PARAMS.json`
-(imported, so that its bytecode is cached), so it already sits in the
-host's network, UTS, IPC, mount and PID namespaces. It runs under the machine's
-/usr/bin/python3 with the standard library only: it must not depend on the project venv,
-which the host sees like any other directory of the base.
+Run by lab/host_forkserver.py, which imports this file once and forks a PID 1 per boot,
+so it already sits in the host's network, UTS, IPC, mount and PID namespaces. It runs
+under the machine's /usr/bin/python3 with the standard library only: it must not depend
+on the project venv, which the host sees like any other directory of the base.
 
 Boot, in order (each step is named in the error sent back to hosts.py):
 1. mount an overlay of the whole base root (lower = /, upper/work = the host's disk);
@@ -828,12 +825,13 @@ class Supervisor:
                              env={"PATH": PATH, "LANG": "C.UTF-8", "HOME": "/root"})
 
     def boot_sshd(self) -> None:
-        """Validate the config (to quote sshd's complaint), start sshd, wait until it listens."""
-        run("sshd config test", ["/usr/sbin/sshd", "-t"])
+        """Start sshd and wait until it listens. Should it exit instead, its config test
+        says why (run then only: it costs as much CPU as starting sshd)."""
         self.sshd = start_sshd()
         deadline = time.monotonic() + 10
         while not listening():
             if self.sshd.poll() is not None:
+                run("sshd config test", ["/usr/sbin/sshd", "-t"])
                 raise BootError("sshd", f"sshd exited {self.sshd.returncode} at start "
                                         "(see console.log)")
             if time.monotonic() > deadline:

@@ -44,9 +44,11 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,18 +60,20 @@ from lab.guest.procsys import init_net_snapshot
 from lab.systemctl import ensure_systemctl
 
 INIT_SCRIPT = Path(__file__).resolve().with_name("host_init.py")
-# PID 1 is started by importing host_init.py, not by running it as a script: Python
-# compiles a script on every start (7 ms of a boot's CPU) but caches a module's bytecode.
-INIT_LAUNCH = ("import importlib.util as u, sys; s = u.spec_from_file_location('host_init', "
-               "sys.argv[1]); m = sys.modules['host_init'] = u.module_from_spec(s); "
-               "s.loader.exec_module(m); "
-               "sys.exit(m.main(sys.argv[1:]))")
+FORKSERVER_SCRIPT = Path(__file__).resolve().with_name("host_forkserver.py")
+# The fork server is started by importing host_forkserver.py, not by running it as a
+# script: Python compiles a script at every start but caches a module's bytecode.
+FORKSERVER_LAUNCH = (
+    "import importlib.util as u, sys; s = u.spec_from_file_location('host_forkserver', "
+    "sys.argv[1]); m = sys.modules['host_forkserver'] = u.module_from_spec(s); "
+    "s.loader.exec_module(m); sys.exit(m.main(sys.argv[1:]))")
+STATUS_FD = 3  # the status pipe in PID 1 (lab/host_forkserver.py puts it there)
 GUEST_PYTHON = "/usr/bin/python3"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GUEST_ENV = {"PATH": PATH, "LANG": "C.UTF-8", "HOME": "/root", "USER": "root",
              "LOGNAME": "root"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-REQUIRED_TOOLS = ("ip", "setsid", "unshare", "nsenter", "sshd")
+REQUIRED_TOOLS = ("ip", "nsenter", "sshd")
 FUSE_DEVICE = Path("/dev/fuse")  # each host's /proc/sys stand-in is a FUSE file system
 
 
@@ -170,7 +174,10 @@ class LabHosts:
         # Two `losetup --find` at once may pick the same free device; the loser sleeps
         # 200 ms before it tries again. One at a time here: each takes milliseconds.
         self._losetup = threading.Lock()
-        self._launchers: dict[str, subprocess.Popen[bytes]] = {}
+        # A launcher whose boot has not been recorded in run.json yet (see _abort).
+        self._launchers: dict[str, _Process] = {}
+        self._forkserver = _ForkServer(self.state_dir)
+        weakref.finalize(self, self._forkserver.close)
         self._systemctl: Path | None = None
         self._init_net: dict[str, tuple[int, str]] | None = None
 
@@ -337,21 +344,16 @@ class LabHosts:
         try:
             params_path = hdir / "params.json"
             _write_private(params_path, json.dumps(
-                self._params(config, hdir, write_fd, disks), indent=1))
+                self._params(config, hdir, STATUS_FD, disks), indent=1))
             with (hdir / "console.log").open("ab") as console:
                 console.write(f"--- boot {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
                 console.flush()
-                launcher = subprocess.Popen(
-                    ["setsid", "ip", "netns", "exec", netns, "unshare", "--uts", "--ipc",
-                     "--mount", "--pid", "--fork", "--mount-proc", "--kill-child",
-                     "--propagation", "private", GUEST_PYTHON, "-I", "-S", "-c", INIT_LAUNCH,
-                     str(INIT_SCRIPT), str(params_path)],
-                    stdin=subprocess.DEVNULL, stdout=console, stderr=console,
-                    pass_fds=(write_fd,), env=GUEST_ENV, cwd="/")
+                pid = self._forkserver.spawn(name, netns, params_path, write_fd,
+                                             console.fileno())
             os.close(write_fd)
             write_fd = -1
+            launcher = _Process.of(pid) or _Process(pid, 0)
             self._launchers[name] = launcher
-            threading.Thread(target=launcher.wait, name=f"reap-{name}", daemon=True).start()
             status = self._await_report(name, read_fd, on_network)
             if not status.get("ok"):
                 raise LabHostError(name, str(status.get("step", "boot")),
@@ -367,13 +369,17 @@ class LabHosts:
             os.close(read_fd)
             if write_fd >= 0:
                 os.close(write_fd)
-        launcher_proc = _Process.of(launcher.pid)
+        self._launchers.pop(name, None)
         _write_private(hdir / "run.json", json.dumps({
             "netns": netns, "veth": veth, "init_pid": init.pid, "init_start": init.start,
-            "launcher_pid": launcher.pid,
-            "launcher_start": launcher_proc.start if launcher_proc else 0,
+            "launcher_pid": launcher.pid, "launcher_start": launcher.start,
             "booted_at": time.time(),
         }))
+
+    def close(self) -> None:
+        """Stop this object's fork server (the hosts it started live on); also done when
+        the object is collected or the process exits."""
+        self._forkserver.close()
 
     def _attach_disks(self, config: HostConfig, hdir: Path) -> list[dict[str, Any]]:
         """A loop device per data disk, over a sparse file of the disk's size (kept across
@@ -463,11 +469,10 @@ class LabHosts:
             return self._init_net
 
     def _abort(self, name: str) -> None:
-        """Undo a failed boot: SIGKILL to `unshare` takes PID 1 along (--kill-child)."""
-        launcher = self._launchers.get(name)
-        if launcher is not None and launcher.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                launcher.kill()
+        """Undo a failed boot: SIGKILL to the launcher takes PID 1 along."""
+        launcher = self._launchers.pop(name, None)
+        if launcher is not None:
+            self._signal(launcher, signal.SIGKILL)
         self._teardown(name)
 
     def _await_report(self, name: str, read_fd: int,
@@ -554,10 +559,6 @@ class LabHosts:
         if record and not _wait_gone(launcher, 5):
             self._signal(launcher, signal.SIGKILL)  # kills PID 1 too (--kill-child)
             _wait_gone(launcher, 5)
-        popen = self._launchers.pop(name, None)
-        if popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                popen.wait(timeout=5)
         netns, veth = self.netns(name), self._veth(name)
         if Path("/run/netns", netns).exists():
             # Stragglers entered the namespace from outside (ip netns exec): a powered-off
@@ -633,6 +634,96 @@ class LabHosts:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class _ForkServer:
+    """This side of lab/host_forkserver.py: started at the first boot, and again at the
+    next boot if it has died; one request at a time (a fork takes a millisecond)."""
+
+    REPLY_TIMEOUT_S = 30.0
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.log_path = state_dir / "forkserver.log"  # its own errors, if it has any
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self, host: str, netns: str, params: Path, status_fd: int,
+              console_fd: int) -> int:
+        """Start the launcher of `host` (which forks its PID 1); the launcher's pid."""
+        request = json.dumps({"netns": netns, "params": str(params)}).encode()
+        with self._lock:
+            for attempt in (1, 2):
+                sock = self._started()
+                try:
+                    socket.send_fds(sock, [request], [status_fd, console_fd])
+                except OSError as error:  # died since the last boot: the request is lost
+                    self._stop()
+                    if attempt == 2:
+                        raise LabHostError(host, "start PID 1", "the fork server refuses "
+                                           f"requests: {error}; {self._log_tail()}") from None
+                    continue
+                try:
+                    reply = sock.recv(65536)
+                except OSError as error:  # a timeout included
+                    reply, detail = b"", f"no reply ({error})"
+                else:
+                    detail = "the fork server exited"
+                if not reply:
+                    self._stop()
+                    raise LabHostError(host, "start PID 1", f"{detail}; {self._log_tail()}")
+                answer = json.loads(reply)
+                if "error" in answer:
+                    raise LabHostError(host, "start PID 1", str(answer["error"]))
+                return int(answer["pid"])
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Let the server go: it exits at end of file on its socket."""
+        with self._lock:
+            self._stop()
+
+    def _started(self) -> socket.socket:
+        if self._sock is not None and self._proc is not None and self._proc.poll() is None:
+            return self._sock
+        self._stop()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with self.log_path.open("ab") as log:
+                self._proc = subprocess.Popen(
+                    [GUEST_PYTHON, "-I", "-S", "-c", FORKSERVER_LAUNCH, str(FORKSERVER_SCRIPT),
+                     str(INIT_SCRIPT), str(theirs.fileno()), str(self.state_dir)],
+                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=log, env=GUEST_ENV, cwd="/", start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.settimeout(self.REPLY_TIMEOUT_S)
+        self._sock = ours
+        return ours
+
+    def _stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except FileNotFoundError:
+            lines = []
+        return f"{self.log_path} ends: {' | '.join(lines[-5:]) or '(empty)'}"
 
 
 def _checked_name(name: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import signal
 import socket
 import subprocess
 import time
@@ -126,6 +127,12 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def _fork_servers(lab: Lab) -> list[int]:
+    """Pids of the fork servers of the lab's LabHosts (lab/host_forkserver.py)."""
+    return [int(line.split(":")[0]) for line in _processes_mentioning(str(lab.state_dir))
+            if "host_forkserver.py" in line]
+
+
 def _mounts_mentioning(text: str) -> list[str]:
     return [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
             if text in line]
@@ -204,6 +211,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     finally:
         try:
             hosts.delete_all()
+            hosts.close()
             leftovers = {
                 "netns": [n for n in _netns() if n.startswith(namespace_prefix)],
                 "processes": _processes_mentioning(str(state_dir)),
@@ -467,6 +475,44 @@ def test_failures_name_the_host_and_the_step_and_leave_nothing(lab: Lab) -> None
     assert lab.hosts.netns("plabt-fail") not in _netns()
     assert _processes_mentioning(str(lab.hosts.host_dir("plabt-fail"))) == []
     lab.hosts.delete("plabt-fail")
+
+
+def test_a_broken_sshd_config_fails_the_boot_with_sshds_complaint(lab: Lab) -> None:
+    config = lab.config("plabt-badssh", 17, write_files=(
+        GuestFile("/etc/ssh/sshd_config.d/99-plabt.conf", "NoSuchOption yes\n"),))
+    with pytest.raises(LabHostError) as caught:
+        lab.hosts.boot(config)
+    assert caught.value.step == "sshd config test"
+    assert "99-plabt.conf" in caught.value.detail
+    assert "Bad configuration option: NoSuchOption" in caught.value.detail
+    assert not lab.hosts.is_running(config.name)
+    assert _processes_mentioning(str(lab.hosts.host_dir(config.name))) == []
+    lab.hosts.delete(config.name)
+
+
+def test_host_processes_are_named_after_the_host_and_survive_the_fork_server(
+        lab: Lab) -> None:
+    """PID 1 and its launcher are forks of lab/host_forkserver.py: ps names them by the
+    host's params.json; a fork server that died is replaced at the next boot, and the
+    hosts it had started stay up."""
+    first, second = lab.config("plabt-fork-1", 18), lab.config("plabt-fork-2", 19)
+    assert lab.hosts.boot(first)
+    params = str(lab.hosts.host_dir(first.name) / "params.json")
+    titles = sorted(line.split(": ", 1)[1].strip() for line in _processes_mentioning(params))
+    assert titles == [f"lab-host-init {params}", f"lab-host-launcher {params}"]
+    servers = _fork_servers(lab)
+    assert len(servers) == 1
+    os.kill(servers[0], signal.SIGKILL)
+    assert lab.hosts.boot(second)
+    assert _port_open(first.address.ip) and _port_open(second.address.ip)
+    assert len(_fork_servers(lab)) == 1 and _fork_servers(lab) != servers
+    lab.hosts.close()
+    deadline = time.monotonic() + 5
+    while _fork_servers(lab) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _fork_servers(lab) == []
+    assert lab.hosts.is_running(first.name) and lab.hosts.is_running(second.name)
+    assert lab.hosts.delete(first.name) and lab.hosts.delete(second.name)
 
 
 def test_twenty_hosts_boot_in_parallel(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
