@@ -106,6 +106,11 @@ class VsphereSession:
         # by name (a task finds its VM once, then powers it on and waits for it).
         self._clone_target: tuple[Any, Any, Any, vim.Folder] | None = None
         self._found: dict[str, vim.VirtualMachine] = {}
+        # A name the last look-up did not find: ensure_vm, which follows at once (a task
+        # asks whether its VM exists, then ensures it), trusts it instead of asking again.
+        self._absent: str | None = None
+        self._vm_folder: vim.Folder | None = None
+        self._portgroup_names: dict[str, str] | None = None  # distributed port groups by key
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # a vCenter that went away: nothing to log out
@@ -168,6 +173,17 @@ class VsphereSession:
             self._networks = {n.name: n for n in dc.network} if dc is not None else {}
         return self._networks.get(name)
 
+    def _portgroup_name(self, key: str) -> str:
+        """A distributed port group's name from its key (a NIC's backing names only the
+        key), read once per session for all of them; the key if it is not found."""
+        if self._portgroup_names is None:
+            self._network("")
+            assert self._networks is not None
+            self._portgroup_names = {
+                str(n.key): name for name, n in self._networks.items()
+                if isinstance(n, vim.dvs.DistributedVirtualPortgroup)}
+        return self._portgroup_names.get(key, key)
+
     def _named(self, root: Any, kind: type, name: str) -> Any:
         return next((obj for obj in self._children(root, kind) if obj.name == name), None)
 
@@ -228,9 +244,11 @@ class VsphereSession:
         if dc is None:
             raise HypervisorError(f"datacenter {self.placement.datacenter!r} not found on "
                                   f"{self.address}")
+        if self._vm_folder is None:
+            self._vm_folder = dc.vmFolder
         assert self.content.viewManager is not None
-        view = self.content.viewManager.CreateContainerView(dc.vmFolder, [vim.VirtualMachine],
-                                                            True)
+        view = self.content.viewManager.CreateContainerView(self._vm_folder,
+                                                            [vim.VirtualMachine], True)
         collector = vmodl.query.PropertyCollector
         try:
             spec = collector.FilterSpec(
@@ -274,9 +292,7 @@ class VsphereSession:
                     networks.append(str(backing.deviceName))
                 elif isinstance(backing, vim.vm.device.VirtualEthernetCard.
                                 DistributedVirtualPortBackingInfo):
-                    key = backing.port.portgroupKey
-                    networks.append(str(next((n.name for n in vm.network
-                                              if getattr(n, "key", None) == key), key)))
+                    networks.append(self._portgroup_name(str(backing.port.portgroupKey)))
         extra = {str(o.key): str(o.value) for o in props.get("config.extraConfig") or []}
         return VmState(
             id=str(vm._moId), name=str(props.get("name", "")),
@@ -290,9 +306,12 @@ class VsphereSession:
     def list_vms(self) -> list[VmState]:
         return self._call("listing VMs", lambda: [self._state(vm) for vm in self._vm_objects()])
 
-    def _find(self, name: str) -> vim.VirtualMachine | None:
+    def _find(self, name: str, trust_absent: bool = False) -> vim.VirtualMachine | None:
         if name in self._found:
             return self._found[name]
+        absent, self._absent = self._absent, None
+        if trust_absent and absent == name:
+            return None
         found = self._index().get(name, [])
         if len(found) > 1:
             raise HypervisorError(f"vCenter {self.address}: {len(found)} VMs are named {name} "
@@ -300,7 +319,9 @@ class VsphereSession:
                                   "the extra ones")
         if found:
             self._found[name] = found[0]
-        return found[0] if found else None
+            return found[0]
+        self._absent = name
+        return None
 
     def find_vm(self, name: str) -> VmState | None:
         vm = self._call(f"finding VM {name}", lambda: self._find(name))
@@ -310,7 +331,7 @@ class VsphereSession:
     # --- changing VMs ---------------------------------------------------------------------
 
     def ensure_vm(self, want: VmWanted, resize: bool) -> EnsureResult:
-        vm = self._call(f"finding VM {want.name}", lambda: self._find(want.name))
+        vm = self._call(f"finding VM {want.name}", lambda: self._find(want.name, True))
         if vm is None:
             vm = self._create(want)
             return EnsureResult("created", self._state(vm),
