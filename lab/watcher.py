@@ -28,6 +28,7 @@ from lab.network import bridge_for_address
 from sizing.spec import PlatformSpec
 
 log = logging.getLogger("lab.watcher")
+LIVENESS_PERIOD_S = 1.0
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Watcher:
         self._warned: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="guest-boot")
         self._booting: dict[str, tuple[str, Future[list[str]]]] = {}
+        self._next_liveness = 0.0  # when to look again whether reported guests still run
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -97,6 +99,13 @@ class Watcher:
             (source, vm) for source in self.sources for vm in source.vms()]
         counts = Counter(vm.name for _, vm in observed)
         done += self._finished_boots()
+        # A guest that died is booted again, found at most LIVENESS_PERIOD_S later: every
+        # step (one per change the hypervisor reports, many a second while VMs are made)
+        # reading each running host's records would cost more than all else it does.
+        now = time.monotonic()
+        check_alive = now >= self._next_liveness
+        if check_alive:
+            self._next_liveness = now + LIVENESS_PERIOD_S
         for source, vm in observed:
             if counts[vm.name] > 1:
                 self._warn_once(f"dup:{vm.name}", f"{counts[vm.name]} VMs are named {vm.name}; "
@@ -105,7 +114,8 @@ class Watcher:
             if vm.key in self._booting:
                 continue  # its guest is booting: look again once that is over
             if vm.powered_on:
-                if vm.key not in self._reported or not self.hosts.is_running(vm.name):
+                if vm.key not in self._reported or (check_alive and
+                                                    not self.hosts.is_running(vm.name)):
                     # Guests boot side by side and without holding up the next poll, as
                     # VMs powered on together do.
                     self._booting[vm.key] = (vm.name, self._pool.submit(self._power_on,

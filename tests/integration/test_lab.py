@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -177,6 +178,23 @@ def test_vm_powered_on_answers_ssh_with_the_injected_keys(lab: Lab, lab_spec: Pl
     refused = subprocess.run([*ssh, "true"], capture_output=True, text=True, timeout=30,
                              check=False)
     assert refused.returncode != 0 and "HOST IDENTIFICATION HAS CHANGED" in refused.stderr
+
+    # A guest that dies while its VM is on is booted again (within the watcher's liveness
+    # period), as vSphere's HA would restart a VM, keeping its disk and host key.
+    run_record = lab.hosts.host_dir(vm.name) / "run.json"
+    killed = json.loads(run_record.read_text())["init_pid"]
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (
+            lab.hosts.booted(vm.name) and run_record.is_file()
+            and json.loads(run_record.read_text())["init_pid"] != killed):
+        time.sleep(0.1)
+    assert json.loads(run_record.read_text())["init_pid"] != killed, \
+        lab.watcher.log.read_text()[-2000:]
+    known.write_text(f"{vm.ip} {host_public}\n")
+    again = subprocess.run([*ssh, "hostname"], capture_output=True, text=True, timeout=30,
+                           check=False)
+    assert again.returncode == 0 and again.stdout.strip() == "lab-vault-01", again.stderr
 
     WaitForTask(clone.PowerOffVM_Task())
     deadline = time.monotonic() + 10
