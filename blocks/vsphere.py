@@ -10,14 +10,17 @@ import http.client
 import math
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
+from pyVmomi.VmomiSupport import ManagedObject
 
 from blocks.hypervisor import (
     OWNER_KEY,
@@ -65,8 +68,10 @@ class VsphereHypervisor(Block):
     ca_bundle: str | None = Field(default=None,
                                   description="PEM of the CA that signed vCenter's certificate")
 
-    def open(self, placement: VspherePlacement) -> VsphereSession:
-        """Log in and bind to the spec's placement. Raises HypervisorError on a bad login."""
+    def open(self, placement: VspherePlacement,
+             lookups: VsphereLookups | None = None) -> VsphereSession:
+        """Log in and bind to the spec's placement. Raises HypervisorError on a bad login.
+        Sessions given the same `lookups` share what they find of the placement."""
         host, _, port = self.address.rpartition(":") if ":" in self.address else \
             (self.address, "", "443")
         if self.verify_tls:
@@ -88,17 +93,66 @@ class VsphereHypervisor(Block):
                                            f"{error}") from None
         except (ConnectionError, OSError, http.client.HTTPException) as error:
             raise TransientHypervisorError(f"vCenter {self.address} unreachable: {error}") from None
-        return VsphereSession(si, self.address, placement)
+        return VsphereSession(si, self.address, placement, lookups or VsphereLookups())
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A managed object as its type and id, valid in any session on the same vCenter."""
+
+    kind: type
+    moid: str
+
+
+class VsphereLookups:
+    """What sessions of one run find of their placement (datacenter, VM folder, template,
+    resource pool, datastore, port groups), kept as vCenter object ids: the first session
+    that needs a thing looks it up, the others wait for it and take its ids. A run opens as
+    many sessions as it makes VMs at once, and each would otherwise spend some twenty-five
+    round trips finding the same objects."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # a look-up may need another (the datacenter first)
+        self._values: dict[str, Any] = {}
+
+    def get(self, key: str, stub: Any, make: Callable[[], T]) -> T:
+        """The value under `key`, made by `make()` in this session if nobody has yet, with
+        its managed objects bound to `stub` (the asking session's connection)."""
+        with self._lock:
+            if key not in self._values:
+                self._values[key] = _portable(make())
+            return cast(T, _bound(self._values[key], stub))
+
+
+def _portable(value: Any) -> Any:
+    if isinstance(value, ManagedObject):
+        return _Ref(type(value), value._moId)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_portable(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _portable(item) for key, item in value.items()}
+    return value
+
+
+def _bound(value: Any, stub: Any) -> Any:
+    if isinstance(value, _Ref):
+        return value.kind(value.moid, stub)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_bound(item, stub) for item in value)
+    if isinstance(value, dict):
+        return {key: _bound(item, stub) for key, item in value.items()}
+    return value
 
 
 class VsphereSession:
     """One logged-in session on vCenter, bound to a datacenter, cluster, datastore, folder."""
 
     def __init__(self, si: vim.ServiceInstance, address: str,
-                 placement: VspherePlacement) -> None:
+                 placement: VspherePlacement, lookups: VsphereLookups) -> None:
         self.si = si
         self.address = address
         self.placement = placement
+        self._lookups = lookups
         self.content = si.RetrieveContent()
         self._dc: vim.Datacenter | None = None
         self._networks: dict[str, Any] | None = None
@@ -159,18 +213,23 @@ class VsphereSession:
         finally:
             view.Destroy()
 
+    def _shared(self, key: str, make: Callable[[], T]) -> T:
+        """A placement look-up shared with the run's other sessions (VsphereLookups)."""
+        return self._lookups.get(key, self.si._stub, make)
+
     def _datacenter(self) -> vim.Datacenter | None:
-        """The placement's datacenter, looked up once per session (it is used by most calls)."""
+        """The placement's datacenter, looked up once per run (it is used by most calls)."""
         if self._dc is None:
-            self._dc = next((dc for dc in self._children(self.content.rootFolder,
-                                                         vim.Datacenter)
-                             if dc.name == self.placement.datacenter), None)
+            self._dc = self._shared("datacenter", lambda: next(
+                (dc for dc in self._children(self.content.rootFolder, vim.Datacenter)
+                 if dc.name == self.placement.datacenter), None))
         return self._dc
 
     def _network(self, name: str) -> Any:
         if self._networks is None:
             dc = self._datacenter()
-            self._networks = {n.name: n for n in dc.network} if dc is not None else {}
+            self._networks = self._shared("networks", lambda: {
+                n.name: n for n in dc.network} if dc is not None else {})
         return self._networks.get(name)
 
     def _portgroup_name(self, key: str) -> str:
@@ -178,10 +237,11 @@ class VsphereSession:
         key), read once per session for all of them; the key if it is not found."""
         if self._portgroup_names is None:
             self._network("")
-            assert self._networks is not None
-            self._portgroup_names = {
-                str(n.key): name for name, n in self._networks.items()
-                if isinstance(n, vim.dvs.DistributedVirtualPortgroup)}
+            networks = self._networks
+            assert networks is not None
+            self._portgroup_names = self._shared("port group names", lambda: {
+                str(n.key): name for name, n in networks.items()
+                if isinstance(n, vim.dvs.DistributedVirtualPortgroup)})
         return self._portgroup_names.get(key, key)
 
     def _named(self, root: Any, kind: type, name: str) -> Any:
@@ -245,7 +305,7 @@ class VsphereSession:
             raise HypervisorError(f"datacenter {self.placement.datacenter!r} not found on "
                                   f"{self.address}")
         if self._vm_folder is None:
-            self._vm_folder = dc.vmFolder
+            self._vm_folder = self._shared("VM folder", lambda: dc.vmFolder)
         assert self.content.viewManager is not None
         view = self.content.viewManager.CreateContainerView(self._vm_folder,
                                                             [vim.VirtualMachine], True)
@@ -355,21 +415,24 @@ class VsphereSession:
         return EnsureResult("changed", self._state(vm), changes=tuple(to_fix), notes=notes)
 
     def _clone_placement(self) -> tuple[Any, Any, Any, vim.Folder]:
-        """(template, resource pool, datastore, folder), looked up once per session."""
+        """(template, resource pool, datastore, folder), looked up once per run."""
         if self._clone_target is None:
-            p = self.placement
-            dc = self._datacenter()
-            assert dc is not None
-            cluster = self._named(dc.hostFolder, vim.ClusterComputeResource, p.cluster)
-            pool = self._named(cluster.resourcePool, vim.ResourcePool, p.resource_pool) \
-                if p.resource_pool else cluster.resourcePool
-            datastore = next(ds for ds in dc.datastore if ds.name == p.datastore)
-            templates = self._index(templates=True).get(p.template)
-            if not templates:
-                raise HypervisorError(f"template {p.template!r} not found in {p.datacenter}")
-            folder = self._call(f"creating folder {p.folder}", lambda: self._folder(dc))
-            self._clone_target = (templates[0], pool, datastore, folder)
+            self._clone_target = self._shared("clone target", self._find_clone_target)
         return self._clone_target
+
+    def _find_clone_target(self) -> tuple[Any, Any, Any, vim.Folder]:
+        p = self.placement
+        dc = self._datacenter()
+        assert dc is not None
+        cluster = self._named(dc.hostFolder, vim.ClusterComputeResource, p.cluster)
+        pool = self._named(cluster.resourcePool, vim.ResourcePool, p.resource_pool) \
+            if p.resource_pool else cluster.resourcePool
+        datastore = next(ds for ds in dc.datastore if ds.name == p.datastore)
+        templates = self._index(templates=True).get(p.template)
+        if not templates:
+            raise HypervisorError(f"template {p.template!r} not found in {p.datacenter}")
+        folder = self._call(f"creating folder {p.folder}", lambda: self._folder(dc))
+        return templates[0], pool, datastore, folder
 
     def _create(self, want: VmWanted) -> vim.VirtualMachine:
         p = self.placement
@@ -458,10 +521,11 @@ class VsphereSession:
                                   f"{self.placement.datacenter}")
         if isinstance(network, vim.dvs.DistributedVirtualPortgroup):
             network = cast(Any, network)
+            portgroup = network
+            key, switch = self._shared(f"port group {network_name}", lambda: (
+                str(portgroup.key), str(portgroup.config.distributedVirtualSwitch.uuid)))
             backing: Any = vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(
-                port=vim.dvs.PortConnection(
-                    portgroupKey=network.key,
-                    switchUuid=network.config.distributedVirtualSwitch.uuid))
+                port=vim.dvs.PortConnection(portgroupKey=key, switchUuid=switch))
         else:
             backing = vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(
                 deviceName=network.name, network=network)

@@ -27,7 +27,7 @@ from blocks.ssh import SshIdentity
 from sizing.inventory import VM, Inventory
 from sizing.spec import PlatformSpec
 from tasks import host_keys
-from tasks.blocks import load_block
+from tasks.blocks import load_block, once_per_flow_run
 from tasks.cloud_init import HostKey, render_cloud_init
 from tasks.retry import transient_only
 
@@ -53,10 +53,12 @@ def open_hypervisor(spec: PlatformSpec) -> HypervisorSession:
     """A session on the spec's hypervisor, through the block the spec names."""
     hv = spec.hypervisor
     if hv.kind == "vsphere":
-        from blocks.vsphere import VsphereHypervisor
+        from blocks.vsphere import VsphereHypervisor, VsphereLookups
 
         assert hv.vsphere is not None
-        return load_block(VsphereHypervisor, hv.block).open(hv.vsphere)
+        # A run's sessions share what they find of the placement.
+        lookups = once_per_flow_run(("vsphere lookups", hv.block), VsphereLookups)
+        return load_block(VsphereHypervisor, hv.block).open(hv.vsphere, lookups)
     from blocks.nutanix import NutanixHypervisor
 
     assert hv.nutanix is not None

@@ -20,6 +20,7 @@ run did.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import LAB_SPEC
+
+SETTLE_S = 65.0
 
 
 def _stage_means() -> str:
@@ -72,6 +75,20 @@ def _run_seconds(flow_run_id: object) -> float:
     return asyncio.run(read())
 
 
+def _settle_filesystem() -> None:
+    """Start each run on a filesystem without freshly freed inodes.
+
+    Lab hosts that were just deleted (the first run's; those of the benchmarks before this
+    one) leave thousands of freed inodes; on an ext4 without a journal, as this machine's
+    root is, the allocator skips any inode freed within the last minute (five while its
+    table block is unwritten) one by one at each file created, which cost the second run's
+    guests about 0.8 s of CPU on two cores. Flush, then wait that minute out, before each
+    run alike.
+    """
+    os.sync()
+    time.sleep(SETTLE_S)
+
+
 def main() -> None:
     from flows.provision import provision_vms
     from sizing.inventory import build_inventory
@@ -94,6 +111,7 @@ def main() -> None:
                               prefect_on_postgres=True) as lab:
             walls, calls = {}, {}
             for concurrency in (1, 8):
+                _settle_filesystem()
                 started = time.monotonic()
                 state = provision_vms(spec_path=specs[concurrency], return_state=True)
                 calls[concurrency] = time.monotonic() - started
