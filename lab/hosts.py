@@ -3,10 +3,11 @@
 A lab host is what the product sees when it powers on a VM in the lab: a machine at the
 VM's address with its own hostname, users, SSH host keys and disk, reachable over real
 SSH. It is a network namespace attached to a bridge by a veth pair, plus UTS, IPC, mount
-and PID namespaces whose PID 1 (lab/host_init.py) overlays the machine's whole root
-copy-on-write and plays cloud-init's part on first boot. Packages installed on the machine
-are therefore "on the base image" of every host; whatever a host changes stays in its
-overlay upper dir, its disk, which survives stop() and goes with delete().
+and PID namespaces whose PID 1 (lab/host_init.py, forked by lab/host_forkserver.py)
+overlays the machine's whole root copy-on-write and plays cloud-init's part on first
+boot. Packages installed on the machine are therefore "on the base image" of every host;
+whatever a host changes stays in its overlay upper dir, its disk, which survives stop()
+and goes with delete().
 
 State lives under `state_dir/hosts/<name>/` (upper, work, root, params.json, run.json,
 console.log), so another process with the same state_dir can stop or delete hosts that
@@ -29,7 +30,7 @@ machine. stop() detaches the loop devices (the files stay, like a VM's disks); d
 removes the files.
 
 boot() returns once the host's sshd listens (about 0.1 s; twenty in parallel in about
-1.2 s on two cores); stop() is a guest shutdown: SIGTERM to every process, SIGKILL after
+1 s on two cores); stop() is a guest shutdown: SIGTERM to every process, SIGKILL after
 `stop_grace`. Everything here needs root.
 """
 
@@ -557,7 +558,7 @@ class LabHosts:
         launcher = _Process(int(record.get("launcher_pid", 0)),
                             int(record.get("launcher_start", 0)))
         if record and not _wait_gone(launcher, 5):
-            self._signal(launcher, signal.SIGKILL)  # kills PID 1 too (--kill-child)
+            self._signal(launcher, signal.SIGKILL)  # PID 1 dies with it (PR_SET_PDEATHSIG)
             _wait_gone(launcher, 5)
         netns, veth = self.netns(name), self._veth(name)
         if Path("/run/netns", netns).exists():
