@@ -17,6 +17,9 @@ from tasks.spec import read_spec
 # The Prefect test servers (prefect_test_harness) inherit this: no telemetry from tests
 # (there is no route out, and each failed attempt logged an error and held SQLite's lock).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Tests call a phase's tasks directly, outside any flow run: their log lines go to pytest's
+# capture; Prefect has no flow run to file them under and warned at every one.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB_SPEC = ROOT / "deployments" / "lab" / "platform.yaml"
