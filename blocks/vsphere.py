@@ -52,6 +52,8 @@ _PERMANENT = (vim.fault.InvalidLogin, vim.fault.NoPermission, vim.fault.Insuffic
 _STATE_PATHS = ("name", "runtime.powerState", "config.hardware.numCPU",
                 "config.hardware.memoryMB", "config.hardware.device", "config.extraConfig",
                 "guest.ipAddress")
+# What a reconfigure needs beyond the state: read with it, in the same round trip.
+_RECONFIGURE_PATHS = (*_STATE_PATHS, "config.cpuHotAddEnabled", "config.memoryHotAddEnabled")
 
 
 class VsphereHypervisor(Block):
@@ -340,7 +342,10 @@ class VsphereSession:
             "poweredOn"
 
     def _state(self, vm: vim.VirtualMachine) -> VmState:
-        props = self._properties(vm, list(_STATE_PATHS))
+        return self._state_of(vm, self._properties(vm, list(_STATE_PATHS)))
+
+    def _state_of(self, vm: vim.VirtualMachine, props: dict[str, Any]) -> VmState:
+        """The state from properties read with (at least) `_STATE_PATHS`."""
         devices = props.get("config.hardware.device") or []
         disks = tuple(int(d.capacityInKB // GB) for d in devices
                       if isinstance(d, vim.vm.device.VirtualDisk))
@@ -396,7 +401,8 @@ class VsphereSession:
             vm = self._create(want)
             return EnsureResult("created", self._state(vm),
                                 changes=(f"cloned from {self.placement.template}",))
-        state = self._state(vm)
+        props = self._properties(vm, list(_RECONFIGURE_PATHS))
+        state = self._state_of(vm, props)
         if state.owner != want.owner:
             raise HypervisorError(
                 f"VM {want.name} exists on {self.address} but was not created for platform "
@@ -411,7 +417,7 @@ class VsphereSession:
             return EnsureResult("unchanged", state, notes=notes + tuple(
                 f"{want.name}: {item}: below the spec; set hypervisor.resize: true to fix"
                 for item in to_fix))
-        self._reconfigure(vm, want, state)
+        self._reconfigure(vm, want, props)
         return EnsureResult("changed", self._state(vm), changes=tuple(to_fix), notes=notes)
 
     def _clone_placement(self) -> tuple[Any, Any, Any, vim.Folder]:
@@ -445,7 +451,7 @@ class VsphereSession:
         vm = self._wait(f"cloning {p.template} to {want.name}", task)
         self._found[want.name] = vm
         try:
-            self._reconfigure(vm, want, self._state(vm),
+            self._reconfigure(vm, want, self._properties(vm, list(_RECONFIGURE_PATHS)),
                               extra=guestinfo(want.creation_data()) | {OWNER_KEY: want.owner})
         except BaseException:
             # Never leave a half-made VM behind: without its owner mark the next run would
@@ -456,13 +462,14 @@ class VsphereSession:
             raise
         return vm
 
-    def _reconfigure(self, vm: Any, want: VmWanted, state: VmState,
+    def _reconfigure(self, vm: Any, want: VmWanted, current: dict[str, Any],
                      extra: dict[str, str] | None = None) -> None:
-        """Grow CPU, memory and disks to the spec and attach the zone's network."""
+        """Grow CPU, memory and disks to the spec and attach the zone's network.
+
+        ``current``: the VM's properties, read with `_RECONFIGURE_PATHS` just before."""
         config: Any = vim.vm.ConfigSpec()
         changes: list[vim.vm.device.VirtualDeviceSpec] = []
-        current = self._properties(vm, ["config.cpuHotAddEnabled", "config.memoryHotAddEnabled",
-                                        "config.hardware.device"])
+        state = self._state_of(vm, current)
         hot_cpu = state.vcpu >= want.vcpu or bool(current.get("config.cpuHotAddEnabled"))
         hot_mem = (state.memory_gb >= want.memory_gb
                    or bool(current.get("config.memoryHotAddEnabled")))

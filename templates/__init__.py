@@ -17,6 +17,9 @@ _ENV = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
     autoescape=False,
+    # The templates are package files: no need to stat one at every render to see
+    # whether it changed (each VM of phase 1 renders its cloud-init).
+    auto_reload=False,
 )
 
 
