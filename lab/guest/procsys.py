@@ -10,15 +10,16 @@ the host's /proc/sys and serves it from a thread:
 - namespaced keys and every read-only key pass through to the kernel (reads and writes
   reach the host's own namespaces; errors are the kernel's);
 - each writable global key is a per-host copy taken from the machine's value when the
-  host boots; writes change only the copy and are validated the way the kernel's handlers
-  do where that is easy to know: integer keys take whitespace-separated integers
-  (decimal, 0x hex, 0 octal, optional minus) and fail with EINVAL otherwise; a table of
-  well-known keys (the usual hardening set) also enforces the kernel's ranges and one-way
-  locks (kernel.yama.ptrace_scope 3, kernel.unprivileged_bpf_disabled 1,
-  kernel.kexec_load_disabled); string keys keep their first line; write-only keys
-  (vm.drop_caches) cannot be read. Lenient: integer keys outside that table accept any
-  64-bit integer (the kernel would refuse values beyond an `int` for most of them) and
-  string keys accept any text;
+  host first looks it up (not at boot: a boot touches few of some 200 such keys, and
+  copying them all cost 3 ms of CPU per boot); writes change only the copy and are
+  validated the way the kernel's handlers do where that is easy to know: integer keys
+  take whitespace-separated integers (decimal, 0x hex, 0 octal, optional minus) and fail
+  with EINVAL otherwise; a table of well-known keys (the usual hardening set) also
+  enforces the kernel's ranges and one-way locks (kernel.yama.ptrace_scope 3,
+  kernel.unprivileged_bpf_disabled 1, kernel.kexec_load_disabled); string keys keep
+  their first line; write-only keys (vm.drop_caches) cannot be read. Lenient: integer
+  keys outside that table accept any 64-bit integer (the kernel would refuse values
+  beyond an `int` for most of them) and string keys accept any text;
 - keys the kernel shows only in the initial network namespace (net.core.bpf_jit_harden,
   net.core.netdev_max_backlog, net.ipv4.tcp_mem, net.nf_conntrack_max...) are per-host
   copies of the machine's values (`init_net` below), so that setting them works as on a
@@ -251,9 +252,10 @@ class Tree:
         self.real_fd = real_fd
         self.modules_file = modules_file
         self.keys: dict[str, Key] = {}
+        # Real entries that are no global key (read-only keys, directories): asked once.
+        self._not_global: set[str] = set()
         # Per-host keys that do not exist in the kernel's view, with a condition.
         self.virtual: dict[str, Callable[[], bool]] = {}
-        self._copy_globals()
         always: Callable[[], bool] = lambda: True  # noqa: E731
         for path, (mode, text) in init_net.items():
             if not self.real_exists(path):
@@ -286,36 +288,27 @@ class Tree:
         except OSError:
             return False
 
-    def _copy_globals(self) -> None:
-        """Copy every writable global key's current value (what the VM's kernel booted with)."""
-        for top in sorted(os.listdir(self.real_fd)):
-            if top == "net":
-                continue
-            self._copy_dir(top)
-
-    def _copy_dir(self, rel: str) -> None:
-        if rel in SKIPPED_DIRS or any((rel + "/").startswith(d) for d in NAMESPACED_DIRS):
-            return
+    def _copy_global(self, path: str) -> Key | None:
+        """The per-host copy of a writable global key, made from the machine's current
+        value the first time the host looks the key up; None for anything else."""
+        if path in self._not_global or path.startswith("net/") or path in NAMESPACED or \
+                any((path + "/").startswith(d) for d in (*SKIPPED_DIRS, *NAMESPACED_DIRS)):
+            return None
         try:
-            names = self.listdir_real(rel)
+            st = os.stat(path, dir_fd=self.real_fd, follow_symlinks=False)
         except OSError:
-            return
-        for name in names:
-            path = f"{rel}/{name}"
+            return None  # not (or not yet: a module may add it) in the kernel's view
+        if not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IWUSR:
+            self._not_global.add(path)
+            return None
+        value = b""
+        if st.st_mode & stat.S_IRUSR:
             try:
-                st = os.stat(path, dir_fd=self.real_fd, follow_symlinks=False)
+                value = self._read_real(path)
             except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                self._copy_dir(path)
-            elif st.st_mode & stat.S_IWUSR and path not in NAMESPACED:
                 value = b""
-                if st.st_mode & stat.S_IRUSR:
-                    try:
-                        value = self._read_real(path)
-                    except OSError:
-                        value = b""
-                self.keys[path] = Key(path, st.st_mode, value)
+        key = self.keys[path] = Key(path, st.st_mode, value)
+        return key
 
     def _read_real(self, path: str) -> bytes:
         fd = os.open(path, os.O_RDONLY, dir_fd=self.real_fd)
@@ -347,6 +340,8 @@ class Tree:
     def key(self, path: str) -> Key | None:
         """The per-host key at `path`, if there is one and it is visible now."""
         key = self.keys.get(path)
+        if key is None and path:
+            key = self._copy_global(path)
         return key if key is not None and self._visible(path) else None
 
     def _vdir_visible(self, rel: str) -> bool:

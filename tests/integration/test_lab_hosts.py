@@ -749,19 +749,32 @@ def test_procsys_tree_follows_the_kernel_rules(tmp_path: Path) -> None:
     modules = tmp_path / "modules"
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        tree = Tree(fd, {"net/core/bpf_jit_harden": (0o100600, "0\n")}, str(modules))
+        _check_tree(Tree(fd, {"net/core/bpf_jit_harden": (0o100600, "0\n")}, str(modules)),
+                    root, modules)
     finally:
         os.close(fd)
+
+
+def _check_tree(tree: Tree, root: Path, modules: Path) -> None:
+    # A global key is copied when first looked up, and from then on is the host's own.
+    assert "kernel/printk" not in tree.keys
+    (root / "kernel" / "core_pattern").write_text("core.%p\n")
+    assert tree.stat("kernel/core_pattern") is not None
+    (root / "kernel" / "core_pattern").write_text("changed on the machine\n")
+    assert tree.keys["kernel/core_pattern"].value == b"core.%p\n"
+    assert tree.key("kernel/hostname") is None and tree.key("kernel/osrelease") is None
     assert "kernel/hostname" not in tree.keys and "kernel/osrelease" not in tree.keys
     assert tree.keys["net/core/bpf_jit_harden"].value == b"0\n"
     assert tree.key("kernel/yama/ptrace_scope") is not None  # Debian's kernel has it
     boot_id = uuid.UUID(tree.keys["kernel/random/boot_id"].value.decode().strip())
     assert boot_id.version == 4 and boot_id.variant == uuid.RFC_4122
 
-    printk = tree.keys["kernel/printk"]
+    printk = tree.key("kernel/printk")
+    assert printk is not None
     printk.write(b"3 0x4\n", 0)
     assert printk.value == b"3\t4\t1\t7\n"
-    kptr = tree.keys["kernel/kptr_restrict"]
+    kptr = tree.key("kernel/kptr_restrict")
+    assert kptr is not None
     for bad in (b"abc\n", b"3\n", b"1x\n", b"\n"):
         with pytest.raises(OSError) as caught:
             kptr.write(bad, 0)
