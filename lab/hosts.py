@@ -37,6 +37,7 @@ boot() returns once the host's sshd listens (about 0.1 s; twenty in parallel in 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -172,8 +173,8 @@ class LabHosts:
         self._tag = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:5]
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        # Two `losetup --find` at once may pick the same free device; the loser sleeps
-        # 200 ms before it tries again. One at a time here: each takes milliseconds.
+        # Two attaches at once would be offered the same free loop device; one loses and
+        # asks again (_attach_loop). One at a time here, so that it is rare.
         self._losetup = threading.Lock()
         # A launcher whose boot has not been recorded in run.json yet (see _abort).
         self._launchers: dict[str, _Process] = {}
@@ -405,8 +406,7 @@ class LabHosts:
                 with image.open("ab") as handle:
                     os.truncate(handle.fileno(), size)  # sparse: no block written
             with self._losetup:
-                loop = _run(config.name, f"attach disk {name}",
-                            ["losetup", "--find", "--show", "--", str(image)]).strip()
+                loop = _attach_loop(config.name, f"attach disk {name}", image)
             number = os.stat(loop).st_rdev
             disks.append({"name": name, "size": size, "loop": loop,
                           "major": os.major(number), "minor": os.minor(number)})
@@ -741,6 +741,34 @@ def _run(name: str, step: str, argv: list[str], input: str | None = None) -> str
         raise LabHostError(name, step, f"`{' '.join(argv)}` exited {proc.returncode}: "
                                        f"{(proc.stderr or proc.stdout).strip()}")
     return proc.stdout
+
+
+LOOP_CONTROL = "/dev/loop-control"
+LOOP_SET_FD = 0x4C00  # linux/loop.h
+LOOP_CTL_GET_FREE = 0x4C82
+
+
+def _attach_loop(name: str, step: str, image: Path) -> str:
+    """What `losetup --find --show IMAGE` does, without starting a process on the way
+    of every boot: the first free loop device, bound to the image; its path."""
+    try:
+        with open(image, "r+b", buffering=0) as backing, \
+                open(LOOP_CONTROL, "r+b", buffering=0) as control:
+            for _ in range(20):
+                device = f"/dev/loop{fcntl.ioctl(control, LOOP_CTL_GET_FREE)}"
+                fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fcntl.ioctl(fd, LOOP_SET_FD, backing.fileno())
+                    return device
+                except OSError as error:
+                    if error.errno != errno.EBUSY:  # EBUSY: another process took it first
+                        raise
+                finally:
+                    os.close(fd)
+            raise OSError(errno.EBUSY, "every free loop device was taken meanwhile")
+    except OSError as error:
+        raise LabHostError(name, step, f"attaching {image} to a loop device: "
+                           f"{error.strerror} ({error.filename or LOOP_CONTROL})") from None
 
 
 def _write_private(path: Path, content: str) -> None:
