@@ -3,12 +3,14 @@ taking 500 ms, once at concurrency 1 and once at 8.
 
 `BENCH provision-vsphere vms=… serial_wall_s=… wall_s=… bound_s=… ratio=… speedup=…
 serial_call_s=… call_s=…`: bound_s = ceil(vms / 8) * serial_wall_s / vms (perfect use of 8
-slots); ratio = wall_s / bound_s (target <= 1.25); speedup = serial_wall_s / wall_s
-(target >= 6). Guests boot as lab hosts, so each VM's time includes powering on and waiting
-for its reported IP. Each run is a first provisioning: it makes every VM's SSH host key
-pair and stores it in Prefect (the keys of the first run are deleted with its VMs).
-Prefect's server runs on PostgreSQL, as `make lab` and production run it: on SQLite,
-writes that meet wait 2 s each (lab/postgres.py).
+slots); ratio = wall_s / bound_s (target <= 1.25); speedup = serial_wall_s / wall_s (target
+>= 6). Before it, one `BENCH provision-vsphere-stages concurrency=… <stage>_s=…
+machine_cpu_s=…` line per run: a VM task's mean seconds in each stage, and the CPU seconds
+the whole machine was busy during the run. Guests boot as lab hosts, so each VM's time
+includes powering on and waiting for its reported IP. Each run is a first provisioning: it
+makes every VM's SSH host key pair and stores it in Prefect (the keys of the first run are
+deleted with its VMs). Prefect's server runs on PostgreSQL, as `make lab` and production
+run it: on SQLite, writes that meet wait 2 s each (lab/postgres.py).
 
 A wall time is the phase's flow run from its start to its end as Prefect records it (the
 duration the UI shows). The `*call_s` figures are the Python call's, which also holds what
@@ -89,6 +91,16 @@ def _settle_filesystem() -> None:
     time.sleep(SETTLE_S)
 
 
+def _machine_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since it booted (/proc/stat).
+
+    Over a run, every process counts (flow, Prefect, vcsim, the lab's guests): the same
+    work costing more CPU in one run than in another is the machine being slower then."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     from flows.provision import provision_vms
     from sizing.inventory import build_inventory
@@ -112,13 +124,14 @@ def main() -> None:
             walls, calls = {}, {}
             for concurrency in (1, 8):
                 _settle_filesystem()
-                started = time.monotonic()
+                started, cpu = time.monotonic(), _machine_cpu_s()
                 state = provision_vms(spec_path=specs[concurrency], return_state=True)
                 calls[concurrency] = time.monotonic() - started
+                cpu = _machine_cpu_s() - cpu
                 walls[concurrency] = _run_seconds(state.state_details.flow_run_id)
                 vms = state.result().created
                 print(f"BENCH provision-vsphere-stages concurrency={concurrency} "
-                      + _stage_means(), flush=True)
+                      + _stage_means() + f" machine_cpu_s={cpu:.2f}", flush=True)
                 spec = read_spec(specs[concurrency])
                 session = open_hypervisor(spec)
                 try:
