@@ -751,11 +751,13 @@ LOOP_CTL_GET_FREE = 0x4C82
 def _attach_loop(name: str, step: str, image: Path) -> str:
     """What `losetup --find --show IMAGE` does, without starting a process on the way
     of every boot: the first free loop device, bound to the image; its path."""
+    where = str(image)
     try:
         with open(image, "r+b", buffering=0) as backing, \
                 open(LOOP_CONTROL, "r+b", buffering=0) as control:
             for _ in range(20):
-                device = f"/dev/loop{fcntl.ioctl(control, LOOP_CTL_GET_FREE)}"
+                where = LOOP_CONTROL
+                where = device = f"/dev/loop{fcntl.ioctl(control, LOOP_CTL_GET_FREE)}"
                 fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
                 try:
                     fcntl.ioctl(fd, LOOP_SET_FD, backing.fileno())
@@ -768,7 +770,7 @@ def _attach_loop(name: str, step: str, image: Path) -> str:
             raise OSError(errno.EBUSY, "every free loop device was taken meanwhile")
     except OSError as error:
         raise LabHostError(name, step, f"attaching {image} to a loop device: "
-                           f"{error.strerror} ({error.filename or LOOP_CONTROL})") from None
+                           f"{error.filename or where}: {error.strerror}") from None
 
 
 def _write_private(path: Path, content: str) -> None:

@@ -60,7 +60,7 @@ NAMESPACED = frozenset({
 })
 NAMESPACED_DIRS = ("fs/mqueue/",)
 # Never copied: another file system's mount point.
-SKIPPED_DIRS = ("fs/binfmt_misc",)
+SKIPPED_DIRS = ("fs/binfmt_misc/",)
 MODULES_FILE = "/run/lab-host/modules"
 # net.bridge.* as br_netfilter creates them, for kernels without it.
 BRIDGE_DEFAULTS = {
