@@ -173,9 +173,6 @@ class LabHosts:
         self._tag = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:5]
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        # Two attaches at once would be offered the same free loop device; one loses and
-        # asks again (_attach_loop). One at a time here, so that it is rare.
-        self._losetup = threading.Lock()
         # A launcher whose boot has not been recorded in run.json yet (see _abort).
         self._launchers: dict[str, _Process] = {}
         self._forkserver = _ForkServer(self.state_dir)
@@ -405,8 +402,7 @@ class LabHosts:
             if not image.exists() or image.stat().st_size < size:
                 with image.open("ab") as handle:
                     os.truncate(handle.fileno(), size)  # sparse: no block written
-            with self._losetup:
-                loop = _attach_loop(config.name, f"attach disk {name}", image)
+            loop = _attach_loop(config.name, f"attach disk {name}", image)
             number = os.stat(loop).st_rdev
             disks.append({"name": name, "size": size, "loop": loop,
                           "major": os.major(number), "minor": os.minor(number)})
@@ -750,13 +746,14 @@ LOOP_CTL_GET_FREE = 0x4C82
 
 def _attach_loop(name: str, step: str, image: Path) -> str:
     """What `losetup --find --show IMAGE` does, without starting a process on the way
-    of every boot: the first free loop device, bound to the image; its path."""
-    where = str(image)
+    of every boot: the first free loop device, bound to the image; its path. Two attaches
+    at once (threads or processes) may be offered the same free device: the kernel binds
+    it to one, and the other asks for the next free one."""
+    where = LOOP_CONTROL  # what a failed ioctl names (a failed open names its file)
     try:
         with open(image, "r+b", buffering=0) as backing, \
                 open(LOOP_CONTROL, "r+b", buffering=0) as control:
             for _ in range(20):
-                where = LOOP_CONTROL
                 where = device = f"/dev/loop{fcntl.ioctl(control, LOOP_CTL_GET_FREE)}"
                 fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
                 try:

@@ -52,6 +52,7 @@ import yaml
 
 from sizing.inventory import Inventory
 from sizing.spec import PlatformSpec
+from tests.bench.machine import machine_cpu_seconds
 from tests.conftest import LAB_SPEC
 
 ANSIBLE_DIR = Path(__file__).resolve().parent / "ansible"
@@ -177,14 +178,6 @@ def parse_recap(output: str) -> dict[str, dict[str, int]]:
     names = ("ok", "changed", "unreachable", "failed", "skipped", "rescued", "ignored")
     return {match[1]: dict(zip(names, map(int, match.groups()[1:]), strict=True))
             for match in RECAP_RE.finditer(output)}
-
-
-def machine_cpu_seconds() -> float:
-    """CPU time the whole machine has spent busy (every process: the tool, the lab hosts'
-    sshd, sudo, shells and Python, Prefect's server), from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def task_seconds(timed_log: str) -> dict[str, float]:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.bench.machine import machine_cpu_seconds
 from tests.conftest import LAB_SPEC
 
 SETTLE_S = 65.0
@@ -91,16 +92,6 @@ def _settle_filesystem() -> None:
     time.sleep(SETTLE_S)
 
 
-def _machine_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy since it booted (/proc/stat).
-
-    Over a run, every process counts (flow, Prefect, vcsim, the lab's guests): the same
-    work costing more CPU in one run than in another is the machine being slower then."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> None:
     from flows.provision import provision_vms
     from sizing.inventory import build_inventory
@@ -124,10 +115,10 @@ def main() -> None:
             walls, calls = {}, {}
             for concurrency in (1, 8):
                 _settle_filesystem()
-                started, cpu = time.monotonic(), _machine_cpu_s()
+                started, cpu = time.monotonic(), machine_cpu_seconds()
                 state = provision_vms(spec_path=specs[concurrency], return_state=True)
                 calls[concurrency] = time.monotonic() - started
-                cpu = _machine_cpu_s() - cpu
+                cpu = machine_cpu_seconds() - cpu
                 walls[concurrency] = _run_seconds(state.state_details.flow_run_id)
                 vms = state.result().created
                 print(f"BENCH provision-vsphere-stages concurrency={concurrency} "
