@@ -33,11 +33,15 @@ def lab_spec() -> PlatformSpec:
 
 @contextmanager
 def exclusive_lab() -> Iterator[None]:
-    """Hold the machine's one lab slot: lab addresses and bridge names are global, so two
-    test sessions (or a test and a benchmark) take turns instead of colliding."""
+    """Hold the network namespace's one lab slot: lab addresses and bridge names are global
+    to it, so two test sessions (or a test and a benchmark) take turns instead of colliding.
+    `make test` and `make bench` run in a namespace of their own (scripts/own-namespaces.sh)
+    and never meet the lab of `make lab`; a bare `pytest` shares the machine's."""
     with open("/run/platform-lab-tests.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if subprocess.run(["ip", "link", "show", "plab-lan"], capture_output=True,
                           check=False).returncode == 0:
-            pytest.fail("a lab is already up on this machine (bridge plab-lan); run `make down`")
+            pytest.fail("a lab is already up in this network namespace (bridge plab-lan): "
+                        "run the tests with `make test`, which gives them a network of their "
+                        "own, or bring that lab down with `make down`")
         yield
