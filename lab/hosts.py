@@ -48,6 +48,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -129,6 +130,30 @@ class LabHostError(RuntimeError):
         self.host = host
         self.step = step
         self.detail = detail
+
+
+_SNAPSHOT = ("import json, sys\nfrom lab.guest.procsys import init_net_snapshot\n"
+             "json.dump(init_net_snapshot(), sys.stdout)")
+
+
+MACHINE_NETNS = Path("/run/platform-machine-netns")
+"""The machine's network namespace, kept here by scripts/own-namespaces.sh for the command
+it runs in a namespace of its own (`make test`, `make bench`)."""
+
+
+def initial_net_sysctls(host: str) -> dict[str, tuple[int, str]]:
+    """`init_net_snapshot` of the machine's network namespace. The lab normally runs in it;
+    under scripts/own-namespaces.sh the kernel hides keys such as net.core.bpf_jit_harden
+    from this process, so a process entered into the machine's namespace takes it."""
+    if not MACHINE_NETNS.exists():
+        return init_net_snapshot()
+    done = subprocess.run(["nsenter", f"--net={MACHINE_NETNS}", sys.executable, "-c", _SNAPSHOT],
+                          capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise LabHostError(host, f"reading the machine's net sysctls (nsenter "
+                           f"--net={MACHINE_NETNS})", done.stderr.strip())
+    return {path: (int(mode), str(value))
+            for path, (mode, value) in json.loads(done.stdout).items()}
 
 
 @dataclass(frozen=True)
@@ -452,17 +477,17 @@ class LabHosts:
             "root": str(hdir / "root"), "systemctl": str(self._systemctl),
             "status_fd": status_fd, "stop_grace": self.stop_grace,
             "hide": [str(self.state_dir)], "mac": self._mac(config),
-            "init_net_sysctls": self._init_net_sysctls(),
+            "init_net_sysctls": self._init_net_sysctls(config.name),
             "disks": [{key: value for key, value in disk.items() if key != "loop"}
                       for disk in disks],
         }
 
-    def _init_net_sysctls(self) -> dict[str, tuple[int, str]]:
-        """The machine's net.* keys (this process sits in the initial network namespace):
-        those a host's namespace lacks become per-host copies (lab/guest/procsys.py)."""
+    def _init_net_sysctls(self, host: str) -> dict[str, tuple[int, str]]:
+        """The machine's net.* keys of its initial network namespace: those a host's
+        namespace lacks become per-host copies (lab/guest/procsys.py)."""
         with self._locks_guard:
             if self._init_net is None:
-                self._init_net = init_net_snapshot()
+                self._init_net = initial_net_sysctls(host)
             return self._init_net
 
     def _abort(self, name: str) -> None:

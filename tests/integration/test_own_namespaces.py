@@ -22,16 +22,22 @@ def _run(*command: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           check=False, env={**os.environ, **(env or {})})
 
 
-def test_the_command_has_only_a_loopback_and_a_fresh_run() -> None:
-    done = _run("sh", "-c", "readlink /proc/self/ns/net; ip -o link show; "
-                "stat -f -c %T /run; ls -A /run")
+def test_the_command_has_only_a_loopback_its_own_sys_and_a_fresh_run() -> None:
+    done = _run("sh", "-c", "readlink /proc/self/ns/net; ip -o link show; ls /sys/class/net; "
+                "mountpoint -q /sys/fs/cgroup && echo cgroups || echo none; "
+                "stat -f -c %T /run; stat -L -c %i /run/platform-machine-netns; ls -A /run")
     assert done.returncode == 0, done.stderr
-    namespace, link, mount, *run = done.stdout.splitlines()
+    namespace, link, sys_net, cgroups, mount, machine, *run = done.stdout.splitlines()
     assert namespace != os.readlink("/proc/self/ns/net")
     assert link.split(":")[1].strip() == "lo"  # `ip -o`: one line per link, and only one
     assert "UP" in link.split(">")[0]
+    assert sys_net == "lo"  # the lab looks for its bridges there
+    assert cgroups == ("cgroups" if os.path.ismount("/sys/fs/cgroup") else "none")
     assert mount == "tmpfs"
-    assert run == ["lock", "netns", "sshd"]
+    made = {"lock", "netns", "platform-machine-netns", "sshd"}
+    assert made <= set(run) <= made | {"mount"}  # mount(8) keeps its utab in /run/mount
+    # the lab reads the sysctls only the machine's namespace has from there
+    assert int(machine) == os.stat("/proc/self/ns/net").st_ino
 
 
 def test_a_run_inside_leaves_the_machine_untouched() -> None:
