@@ -43,13 +43,13 @@ def lab_with_prefect(spec_path: str | Path, vcsim_port: int,
     Prefect test harness (SQLite), or with ``prefect_on_postgres`` in the lab's own Prefect
     server on PostgreSQL as `make lab` runs it; each caller picks its own vcsim port."""
     spec = read_spec(spec_path)
-    root = lab_root()
-    state = root / "state"
-    previous = os.environ.get("PLATFORM_LAB_VCSIM_PORT")
-    os.environ["PLATFORM_LAB_VCSIM_PORT"] = str(vcsim_port)
-    lab = Lab(str(spec_path), spec, state_dir=state,
-              prefect=PrefectStack(state_dir=state, port=vcsim_port - 14000))
-    with exclusive_lab():
+    with exclusive_lab():  # first: a refusal leaves no directory and no setting behind
+        root = lab_root()
+        state = root / "state"
+        previous = os.environ.get("PLATFORM_LAB_VCSIM_PORT")
+        os.environ["PLATFORM_LAB_VCSIM_PORT"] = str(vcsim_port)
+        lab = Lab(str(spec_path), spec, state_dir=state,
+                  prefect=PrefectStack(state_dir=state, port=vcsim_port - 14000))
         try:
             if vcsim_args:
                 lab.vcsim.up(spec, vcsim_args)

@@ -75,12 +75,12 @@ def _leftovers(state: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab(lab_spec: PlatformSpec) -> Iterator[Lab]:
-    root = lab_root()
-    state = root / "state"
-    os.environ["PLATFORM_LAB_VCSIM_PORT"] = "18997"
-    lab = Lab(str(LAB_SPEC), lab_spec, state_dir=state,
-              prefect=PrefectStack(state_dir=state, port=4317))
-    with exclusive_lab():
+    with exclusive_lab():  # first: a refusal leaves no directory and no setting behind
+        root = lab_root()
+        state = root / "state"
+        os.environ["PLATFORM_LAB_VCSIM_PORT"] = "18997"
+        lab = Lab(str(LAB_SPEC), lab_spec, state_dir=state,
+                  prefect=PrefectStack(state_dir=state, port=4317))
         try:
             yield lab
         finally:

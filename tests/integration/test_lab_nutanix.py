@@ -43,10 +43,10 @@ def nutanix_spec(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Platfor
 def lab(tmp_path_factory: pytest.TempPathFactory,
         nutanix_spec: tuple[str, PlatformSpec]) -> Iterator[Lab]:
     state = tmp_path_factory.mktemp("lab-ntx") / "state"
-    os.environ["PLATFORM_LAB_PRISM_PORT"] = "19441"
-    lab = Lab(nutanix_spec[0], nutanix_spec[1], state_dir=state,
-              prefect=PrefectStack(state_dir=state, port=4318))
-    with exclusive_lab():
+    with exclusive_lab():  # first: a refusal leaves no setting behind
+        os.environ["PLATFORM_LAB_PRISM_PORT"] = "19441"
+        lab = Lab(nutanix_spec[0], nutanix_spec[1], state_dir=state,
+                  prefect=PrefectStack(state_dir=state, port=4318))
         try:
             yield lab
         finally:
