@@ -20,8 +20,8 @@ Differences from util-linux: FSTYPE, LABEL and UUID need root (the nodes are roo
 listed (a data disk partitioned inside a lab host shows without children); only the
 columns NAME, KNAME, PATH, SIZE, TYPE, FSTYPE, LABEL, UUID, MOUNTPOINT, MOUNTPOINTS, RO,
 RM, MAJ:MIN and the options -J/--json, -b/--bytes, -o/--output, -n/--noheadings,
--d/--nodeps, -p/--paths, -l/--list, -a/--all, -f/--fs and device arguments are
-understood; anything else fails with exit 1 (util-linux's
+-d/--nodeps, -p/--paths, -l/--list, -a/--all, -f/--fs (short ones alone or grouped, as
+in -dnl) and device arguments are understood; anything else fails with exit 1 (util-linux's
 usage error status), naming this stand-in.
 """
 
@@ -117,11 +117,31 @@ def human(size: int) -> str:
     return str(size)
 
 
+FLAGS = "Jbnpdlaf"  # the short options without an argument
+
+
+def split_short(argv: list[str]) -> list[str]:
+    """Grouped short options one by one, as getopt reads them: -dnl is -d -n -l, and -no X
+    or -noX is -n -o X."""
+    out: list[str] = []
+    for arg in argv:
+        if len(arg) > 2 and arg[0] == "-" and arg[1] in FLAGS:
+            for position, letter in enumerate(arg[1:], start=1):
+                if letter == "o":
+                    out.append("-o" + arg[position + 1:])
+                    break
+                out.append("-" + letter)
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str]) -> int:
     json_out, in_bytes, headings = False, False, True
     paths = False
     columns = list(DEFAULT_COLUMNS)
     wanted: list[str] = []
+    argv = split_short(argv)
     index = 0
     while index < len(argv):
         arg = argv[index]

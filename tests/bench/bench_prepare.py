@@ -18,8 +18,8 @@ whole machine spent during each run (`*_cpu_s`), Ansible's fact gathering and ap
 and whether both left every host in the same state: sha256 of the four files the issue
 names, then `state_match` over everything observed (every managed file's sha256, owner
 and mode; users and groups; the bootstrap login; hostname; kernel settings; modules;
-services; the live nftables ruleset). `BENCH prepare-vs-ansible-difference …` lines name
-any difference.
+services; the live nftables ruleset; /etc/fstab and the data disk's mount).
+`BENCH prepare-vs-ansible-difference …` lines name any difference.
 
 Both tools write the same bytes: every file the playbook copies is rendered here from
 `tasks.prepare.host_operations`, the very operations phase 2 applies, and the bench
@@ -88,6 +88,7 @@ MIRRORS = {
     "user": "name: Admin user",
     "user absent": "name: Bootstrap user",
     "packages": "name: Base packages",
+    "data disk /srv/data": "name: Data disk formatted",
 }
 
 
@@ -143,6 +144,7 @@ def write_ansible_project(run_dir: Path, spec: PlatformSpec, inventory: Inventor
                           admin_key: str, known_hosts: Iterable[str],
                           private_key: Path) -> Path:
     """The inventory, per-host files, known_hosts and ansible.cfg; returns ansible.cfg."""
+    from sizing.storage import DATA_FSTYPE, DATA_LABEL, DATA_MOUNT
     from tasks.prepare import RKE2_MODULES
 
     for sub in ("files", "tmp", "cp", "home"):
@@ -153,15 +155,19 @@ def write_ansible_project(run_dir: Path, spec: PlatformSpec, inventory: Inventor
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content)
     (run_dir / "known_hosts").write_text("".join(f"{line}\n" for line in known_hosts))
-    hosts = {vm.name: {"ansible_host": str(vm.ip), "cluster_node": vm.cluster is not None,
-                       "host_files": str(run_dir / "files" / vm.name)}
-             for vm in inventory.vms}
+    hosts: dict[str, dict[str, Any]] = {
+        vm.name: {"ansible_host": str(vm.ip), "cluster_node": vm.cluster is not None,
+                  "host_files": str(run_dir / "files" / vm.name),
+                  **({"data_disk_gb": vm.disks_gb[1]} if len(vm.disks_gb) > 1 else {})}
+        for vm in inventory.vms}
     assert spec.ssh.bootstrap_user and spec.ssh.remove_bootstrap_user, \
         "the playbook's second play removes the bootstrap user, as the lab spec asks"
     group_vars = {"admin_user": spec.ssh.user, "admin_group": spec.ssh.admin_group,
                   "bootstrap_user": spec.ssh.bootstrap_user,
                   "base_packages": list(spec.base_packages),
                   "rke2_modules": list(RKE2_MODULES),
+                  "data_mount": DATA_MOUNT, "data_label": DATA_LABEL,
+                  "data_fstype": DATA_FSTYPE,
                   "ansible_ssh_private_key_file": str(private_key)}
     (run_dir / "inventory.yml").write_text(
         yaml.safe_dump({"all": {"hosts": hosts, "vars": group_vars}}, sort_keys=False))
@@ -222,7 +228,11 @@ def run_ansible(config: Path, log: Path, *extra: str,
     text = log.read_text()
     recap = parse_recap(text)
     if done.returncode != 0:
-        raise RuntimeError(f"ansible-playbook exited {done.returncode}:\n{text[-4000:]}")
+        # Each failed task with its host and message, then the recap.
+        failures = "\n".join(line for line in text.splitlines()
+                             if line.startswith(("fatal: ", "failed: ")))
+        raise RuntimeError(f"ansible-playbook exited {done.returncode}:\n{failures[-6000:]}\n"
+                           f"{text[text.rfind('PLAY RECAP'):]}")
     return seconds, cpu, recap, task_seconds(timed.read_text())
 
 
@@ -297,7 +307,9 @@ def fresh_hosts(lab: Any, spec: PlatformSpec, spec_path: str, expected: int) -> 
 def host_state(spec: PlatformSpec, inventory: Inventory, admin_key: str, key: Path,
                known_hosts: Path) -> dict[str, dict[str, str]]:
     """Per host: sha256 of each compared file, and one digest of everything else observed
-    (owners and modes, users, hostname, kernel settings, modules, services, live ruleset)."""
+    (owners and modes, users, hostname, kernel settings, modules, services, live ruleset,
+    /etc/fstab and the data disk's mount)."""
+    from sizing.storage import DATA_MOUNT
     from tasks.prepare import HARDENING_SYSCTLS, RKE2_SYSCTLS
 
     files = host_files(spec, inventory, admin_key)
@@ -316,7 +328,8 @@ def host_state(spec: PlatformSpec, inventory: Inventory, admin_key: str, key: Pa
             f"{{ getent passwd {spec.ssh.bootstrap_user} || echo no bootstrap user; }} && "
             "{ test -e /etc/sudoers.d/90-cloud-init-users && echo bootstrap sudo left "
             "|| echo bootstrap sudo gone; }; hostname; cat /etc/hostname; "
-            f"sysctl {keys} 2>&1; grep -c swap /etc/fstab; "
+            f"sysctl {keys} 2>&1; grep -c swap /etc/fstab; grep -v '^#' /etc/fstab; "
+            f"findmnt -n -o TARGET,FSTYPE,LABEL {DATA_MOUNT} || echo no data disk mounted; "
             "lsmod | grep -E '^(overlay|br_netfilter) ' | cut -d' ' -f1 | sort; "
             "systemctl is-active chrony ssh nftables; systemctl is-enabled chrony ssh nftables;"
             " nft list ruleset | sha256sum")
