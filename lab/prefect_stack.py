@@ -140,5 +140,34 @@ class PrefectStack:
         return subprocess.run(args, env=self.env(), cwd=PROJECT_DIR, check=False).returncode
 
 
+    def last_run(self, deployment: str) -> RunOutcome | None:
+        """The latest flow run of `deployment` ("flow/name"), or None if it has none: what
+        `lab run` prints after a failure, so the cause shows without opening the UI."""
+        flow, _, name = deployment.partition("/")
+        with httpx.Client(base_url=self.api_url, timeout=10) as client:
+            found = client.get(f"/deployments/name/{flow}/{name}")
+            found.raise_for_status()
+            runs = client.post("/flow_runs/filter", json={
+                "deployments": {"id": {"any_": [found.json()["id"]]}},
+                "sort": "EXPECTED_START_TIME_DESC", "limit": 1})
+            runs.raise_for_status()
+        if not runs.json():
+            return None
+        run = runs.json()[0]
+        state = run.get("state") or {}
+        return RunOutcome(url=f"{self.ui_url}/runs/flow-run/{run['id']}",
+                          state=state.get("name", "unknown"),
+                          message=state.get("message") or "")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a flow run ended, as the UI shows it."""
+
+    url: str
+    state: str
+    message: str
+
+
 def _prefect_exe() -> str:
     return str(Path(sys.executable).parent / "prefect")

@@ -48,8 +48,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     code: int = lab.prefect.run_deployment("platform/full", {
         "spec_path": args.spec, "plan_only": "true" if args.plan_only else "false"})
-    print(f"lab: platform/full {'completed' if code == 0 else 'did not complete'}; "
-          f"see {lab.prefect.ui_url}/runs")
+    if code == 0:
+        print(f"lab: platform/full completed; see {lab.prefect.ui_url}/runs")
+        return code
+    outcome = lab.prefect.last_run("platform/full")
+    if outcome is None:
+        print(f"lab: platform/full did not start; see {lab.prefect.ui_url}/runs")
+    else:
+        print(f"lab: platform/full ended {outcome.state}: {outcome.message}")
+        print(f"lab: see {outcome.url}")
     return code
 
 

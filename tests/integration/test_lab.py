@@ -100,6 +100,16 @@ def test_up_status_down_up_again(lab: Lab) -> None:
     assert "Prefect database" in services
     assert lab.vm_rows() == []
 
+    # The main job through the lab's worker; `lab run` prints how a failed run ended.
+    assert lab.prefect.last_run("platform/full") is None
+    missing = lab.state_dir / "no-such-spec.yaml"
+    assert lab.prefect.run_deployment("platform/full", {
+        "spec_path": str(missing), "plan_only": "true"}) != 0
+    outcome = lab.prefect.last_run("platform/full")
+    assert outcome is not None and outcome.state == "Failed"
+    assert f"platform spec {missing} does not exist" in outcome.message
+    assert outcome.url.startswith(f"{lab.prefect.ui_url}/runs/flow-run/")
+
     removed = lab.down()
     assert any("removed unreachable route" in line for line in removed)
     assert _leftovers(lab.state_dir) == []
