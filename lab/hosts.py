@@ -132,13 +132,11 @@ class LabHostError(RuntimeError):
         self.detail = detail
 
 
-_SNAPSHOT = ("import json, sys\nfrom lab.guest.procsys import init_net_snapshot\n"
-             "json.dump(init_net_snapshot(), sys.stdout)")
-
-
 MACHINE_NETNS = Path("/run/platform-machine-netns")
 """The machine's network namespace, kept here by scripts/own-namespaces.sh for the command
 it runs in a namespace of its own (`make test`, `make bench`)."""
+_SNAPSHOT = ("import json, sys\nfrom lab.guest.procsys import init_net_snapshot\n"
+             "json.dump(init_net_snapshot(), sys.stdout)")
 
 
 def initial_net_sysctls(host: str) -> dict[str, tuple[int, str]]:

@@ -139,7 +139,6 @@ class PrefectStack:
             args += ["--param", f"{key}={value}"]
         return subprocess.run(args, env=self.env(), cwd=PROJECT_DIR, check=False).returncode
 
-
     def last_run(self, deployment: str) -> RunOutcome | None:
         """The latest flow run of `deployment` ("flow/name"), or None if it has none: what
         `lab run` prints after a failure, so the cause shows without opening the UI."""
