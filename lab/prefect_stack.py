@@ -150,9 +150,10 @@ class PrefectStack:
                 "deployments": {"id": {"any_": [found.json()["id"]]}},
                 "sort": "EXPECTED_START_TIME_DESC", "limit": 1})
             runs.raise_for_status()
-        if not runs.json():
+        latest = runs.json()
+        if not latest:
             return None
-        run = runs.json()[0]
+        run = latest[0]
         state = run.get("state") or {}
         return RunOutcome(url=f"{self.ui_url}/runs/flow-run/{run['id']}",
                           state=state.get("name", "unknown"),

@@ -12,17 +12,15 @@ if [ "$#" -eq 0 ]; then
   echo "usage: $0 COMMAND [ARG...]" >&2
   exit 2
 fi
-if [ "${PLATFORM_OWN_NAMESPACES:-}" != "$$" ]; then
-  # unshare and env exec in place, so this PID marks the namespaces made for this run (a
-  # value inherited from elsewhere never matches: /run outside is never mounted over).
-  # fd 9 carries the machine's network namespace in (see /run/platform-machine-netns).
-  exec 9</proc/self/ns/net
-  exec unshare --net --mount --propagation private env PLATFORM_OWN_NAMESPACES=$$ "$0" "$@"
-fi
 
+# fd 9 carries the machine's network namespace in (see /run/platform-machine-netns).
+exec 9</proc/self/ns/net
+# What follows runs inside the new namespaces only: the machine's /sys and /run are never
+# mounted over.
+exec unshare --net --mount --propagation private bash -euo pipefail -c '
 ip link set lo up
-# A sysfs mounted in this namespace lists this namespace's network devices (the lab checks
-# its bridges in /sys/class/net); the machine's cgroup mounts are moved onto it unchanged.
+# A sysfs mounted in this namespace lists the network devices of this namespace (the lab
+# checks its bridges in /sys/class/net); the cgroup mounts of the machine move onto it.
 cgroups=""
 if mountpoint -q /sys/fs/cgroup; then
   cgroups=$(mktemp -d)
@@ -36,9 +34,10 @@ fi
 mount -t tmpfs -o mode=0755,size=64m platform-run /run
 mkdir -p /run/netns /run/lock /run/sshd
 chmod 1777 /run/lock
-# The machine's network namespace, for the lab's look at the sysctls only it has
-# (lab/hosts.py, initial_net_sysctls): lab hosts copy them as a VM's kernel has them.
+# The network namespace of the machine, where the lab reads the sysctls only it has
+# (lab/hosts.py, initial_net_sysctls): lab hosts copy them as the kernel of a VM has them.
 touch /run/platform-machine-netns
 mount --bind /proc/self/fd/9 /run/platform-machine-netns
 exec 9<&-
 exec "$@"
+' own-namespaces "$@"

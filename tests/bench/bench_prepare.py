@@ -44,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,21 +93,41 @@ MIRRORS = {
 }
 
 
-def host_files(spec: PlatformSpec, inventory: Inventory, admin_key: str,
-               ) -> dict[str, dict[str, bytes]]:
-    """Per VM, every file phase 2 writes (absolute path -> bytes), from its own operations.
+@dataclass(frozen=True)
+class HostMirror:
+    """What the playbook takes of phase 2's operations for one VM."""
 
-    `authorized_keys` stands for the admin user's ~/.ssh/authorized_keys. Raises if phase 2
-    has an operation the playbook does not mirror (MIRRORS), or writes a file the playbook
-    does not copy: the two stay the same preparation when phase 2 grows.
+    # Every file phase 2 writes (absolute path -> bytes); `authorized_keys` stands for the
+    # admin user's ~/.ssh/authorized_keys.
+    files: dict[str, bytes]
+    # The settings of its data disk operation, on a VM that has one.
+    data_disk: dict[str, Any] | None
+
+
+def host_mirrors(spec: PlatformSpec, inventory: Inventory, admin_key: str,
+                 ) -> dict[str, HostMirror]:
+    """Per VM, what the playbook needs, from phase 2's own operations.
+
+    Raises if phase 2 has an operation the playbook does not mirror (MIRRORS), or writes a
+    file the playbook does not copy: the two stay the same preparation when phase 2 grows.
     """
-    from tasks.hostops import File, Group, LineAbsent, Packages, Sysctl, User, UserAbsent
+    from tasks.hostops import (
+        DataDisk,
+        File,
+        Group,
+        LineAbsent,
+        Packages,
+        Sysctl,
+        User,
+        UserAbsent,
+    )
     from tasks.prepare import bootstrap_removal, host_operations
 
     playbook = PLAYBOOK.read_text()
-    out: dict[str, dict[str, bytes]] = {}
+    out: dict[str, HostMirror] = {}
     for vm in inventory.vms:
         files: dict[str, bytes] = {}
+        data_disk: dict[str, Any] | None = None
         sysctl_lines: dict[str, list[str]] = {}
         for op in [*host_operations(spec, inventory, vm, admin_key), *bootstrap_removal(spec)]:
             if isinstance(op, File):  # Sudoers too
@@ -126,6 +147,10 @@ def host_files(spec: PlatformSpec, inventory: Inventory, admin_key: str,
                 key = op.id.split()[0]
             elif isinstance(op, LineAbsent):
                 key = f"line absent {op.path}"
+            elif isinstance(op, DataDisk):
+                data_disk = {"size_gb": op.size_gb, "mount": op.mount, "label": op.label,
+                             "fstype": op.fstype, "fstab_line": op.fstab_line}
+                key = op.id
             else:
                 key = op.id.replace(f" {spec.ssh.bootstrap_user} ", " the bootstrap user ")
             if key not in MIRRORS or MIRRORS[key] not in playbook:
@@ -136,7 +161,7 @@ def host_files(spec: PlatformSpec, inventory: Inventory, admin_key: str,
             if f"{{{{ host_files }}}}{'/' if path == 'authorized_keys' else ''}{path}" \
                     not in playbook:
                 raise RuntimeError(f"phase 2 writes {path}; {PLAYBOOK.name} does not copy it")
-        out[vm.name] = files
+        out[vm.name] = HostMirror(files, data_disk)
     return out
 
 
@@ -144,13 +169,13 @@ def write_ansible_project(run_dir: Path, spec: PlatformSpec, inventory: Inventor
                           admin_key: str, known_hosts: Iterable[str],
                           private_key: Path) -> Path:
     """The inventory, per-host files, known_hosts and ansible.cfg; returns ansible.cfg."""
-    from sizing.storage import DATA_FSTYPE, DATA_LABEL, DATA_MOUNT
     from tasks.prepare import RKE2_MODULES
 
     for sub in ("files", "tmp", "cp", "home"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    for host, files in host_files(spec, inventory, admin_key).items():
-        for path, content in files.items():
+    mirrors = host_mirrors(spec, inventory, admin_key)
+    for host, mirror in mirrors.items():
+        for path, content in mirror.files.items():
             target = run_dir / "files" / host / path.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content)
@@ -158,7 +183,8 @@ def write_ansible_project(run_dir: Path, spec: PlatformSpec, inventory: Inventor
     hosts: dict[str, dict[str, Any]] = {
         vm.name: {"ansible_host": str(vm.ip), "cluster_node": vm.cluster is not None,
                   "host_files": str(run_dir / "files" / vm.name),
-                  **({"data_disk_gb": vm.disks_gb[1]} if len(vm.disks_gb) > 1 else {})}
+                  **({"data_disk": mirrors[vm.name].data_disk}
+                     if mirrors[vm.name].data_disk else {})}
         for vm in inventory.vms}
     assert spec.ssh.bootstrap_user and spec.ssh.remove_bootstrap_user, \
         "the playbook's second play removes the bootstrap user, as the lab spec asks"
@@ -166,8 +192,6 @@ def write_ansible_project(run_dir: Path, spec: PlatformSpec, inventory: Inventor
                   "bootstrap_user": spec.ssh.bootstrap_user,
                   "base_packages": list(spec.base_packages),
                   "rke2_modules": list(RKE2_MODULES),
-                  "data_mount": DATA_MOUNT, "data_label": DATA_LABEL,
-                  "data_fstype": DATA_FSTYPE,
                   "ansible_ssh_private_key_file": str(private_key)}
     (run_dir / "inventory.yml").write_text(
         yaml.safe_dump({"all": {"hosts": hosts, "vars": group_vars}}, sort_keys=False))
@@ -312,7 +336,8 @@ def host_state(spec: PlatformSpec, inventory: Inventory, admin_key: str, key: Pa
     from sizing.storage import DATA_MOUNT
     from tasks.prepare import HARDENING_SYSCTLS, RKE2_SYSCTLS
 
-    files = host_files(spec, inventory, admin_key)
+    files = {name: mirror.files
+             for name, mirror in host_mirrors(spec, inventory, admin_key).items()}
     home = f"/home/{spec.ssh.user}"
     keys = " ".join(sorted({k for k, _ in (*HARDENING_SYSCTLS, *RKE2_SYSCTLS)}
                            | {"net.ipv4.conf.all.rp_filter"}))

@@ -51,6 +51,8 @@ def test_a_run_inside_leaves_the_machine_untouched() -> None:
 
 @pytest.mark.parametrize("inherited", ["1", str(os.getpid())])
 def test_an_inherited_marker_does_not_skip_the_namespaces(inherited: str) -> None:
+    # The script once re-ran itself behind this marker; nothing in the environment may
+    # make it run a command in the machine's namespaces.
     done = _run("readlink", "/proc/self/ns/net", env={"PLATFORM_OWN_NAMESPACES": inherited})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() != os.readlink("/proc/self/ns/net")
