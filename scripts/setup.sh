@@ -3,7 +3,11 @@
 #   1. Debian packages listed in scripts/apt-packages.txt and lab/apt-packages.txt (only
 #      the missing ones);
 #   2. uv, pinned, in a private venv under the cache directory;
-#   3. .venv with the exact pins of requirements/lock.txt and the project itself.
+#   3. .venv with the exact pins of requirements/lock.txt and the project itself;
+#   4. the lab's vCenter simulator, built from Debian's sources (lab/vcsim/build.sh,
+#      cached outside the repository: rebuilt only when missing or its inputs changed).
+# Everything that needs the network happens here: `make test` and `make bench` then run
+# in a network namespace of their own, where apt cannot reach a mirror.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,4 +48,5 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   "$UV" pip install -q --python .venv/bin/python --no-deps -e .
   echo "$want" > "$stamp"
 fi
-log "ready: .venv ($(.venv/bin/python --version)), uv $UV_VERSION"
+vcsim="$(bash lab/vcsim/build.sh)"
+log "ready: .venv ($(.venv/bin/python --version)), uv $UV_VERSION, vcsim $vcsim"

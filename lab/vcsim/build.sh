@@ -32,7 +32,7 @@ install_packages() {
     log "installing ${missing[*]}"
     "${sudo[@]}" apt-get update -qq >&2
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 # Replace the one line of file $1 that matches the awk regex $2 with the text on stdin;
