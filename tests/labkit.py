@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -78,6 +79,24 @@ def lab_with_prefect(spec_path: str | Path, vcsim_port: int,
             else:
                 os.environ["PLATFORM_LAB_VCSIM_PORT"] = previous
             shutil.rmtree(root, ignore_errors=True)
+
+
+def delete_all_vms(lab: Lab, spec: PlatformSpec, timeout: float = 60.0) -> None:
+    """Delete every VM on the spec's hypervisor and wait until their lab hosts are gone."""
+    from tasks.vms import open_hypervisor
+
+    session = open_hypervisor(spec)
+    try:
+        for vm in session.list_vms():
+            session.delete_vm(vm.name)
+    finally:
+        session.close()
+    deadline = time.monotonic() + timeout
+    while lab.hosts.names():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"lab hosts still up {timeout:.0f} s after their VMs were "
+                               f"deleted: {lab.hosts.names()}")
+        time.sleep(0.2)
 
 
 @contextmanager

@@ -309,20 +309,9 @@ def run_ours(spec_path: str) -> tuple[float, float, Any, list[dict[str, Any]]]:
 def fresh_hosts(lab: Any, spec: PlatformSpec, spec_path: str, expected: int) -> None:
     """Delete every VM (and so its lab host and disk), then phase 1 again."""
     from flows.provision import provision_vms
-    from tasks.vms import open_hypervisor
+    from tests.labkit import delete_all_vms
 
-    session = open_hypervisor(spec)
-    try:
-        for vm in session.list_vms():
-            session.delete_vm(vm.name)
-    finally:
-        session.close()
-    deadline = time.monotonic() + 60
-    while lab.hosts.names():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"lab hosts still up after their VMs were deleted: "
-                               f"{lab.hosts.names()}")
-        time.sleep(0.2)
+    delete_all_vms(lab, spec)
     created = provision_vms(spec_path=spec_path).created
     if created != expected:
         raise RuntimeError(f"phase 1 created {created} VMs, not {expected}")
@@ -385,8 +374,8 @@ def compare(theirs: dict[str, dict[str, str]], ours: dict[str, dict[str, str]]) 
         same = sum(1 for h in hosts if ours[h].get(path) and ours[h].get(path) ==
                    theirs[h].get(path))
         parts.append(f"{Path(path).name}={same}/{len(hosts)}")
-    same = [h for h in hosts if ours[h]["all"] == theirs[h]["all"]]
-    parts.append(f"state_match={len(same)}/{len(hosts)}")
+    matching = [h for h in hosts if ours[h]["all"] == theirs[h]["all"]]
+    parts.append(f"state_match={len(matching)}/{len(hosts)}")
     return " ".join(parts)
 
 

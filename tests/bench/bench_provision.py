@@ -29,12 +29,15 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import yaml
 
 from tests.bench.machine import machine_cpu_seconds
 from tests.conftest import LAB_SPEC
+
+if TYPE_CHECKING:
+    from lab.lab import Lab
 
 SETTLE_S = 65.0
 
@@ -126,26 +129,18 @@ def _spec(tmp: str, users: int, concurrency: int) -> str:
     return str(path)
 
 
-def _remove_all(spec_path: str, lab: Any) -> None:
-    """Delete the run's VMs and their host keys, so that the next run is a first
-    provisioning too (it makes its keys), and wait for their lab hosts to go."""
+def _remove_all(spec_path: str, lab: Lab) -> None:
+    """Delete the run's VMs (waiting for their lab hosts to go) and their host keys, so
+    that the next run is a first provisioning too: it makes its keys."""
     from sizing.inventory import build_inventory
     from tasks import host_keys
     from tasks.spec import read_spec
-    from tasks.vms import open_hypervisor
+    from tests.labkit import delete_all_vms
 
     spec = read_spec(spec_path)
-    session = open_hypervisor(spec)
-    try:
-        for found in session.list_vms():
-            session.delete_vm(found.name)
-    finally:
-        session.close()
+    delete_all_vms(lab, spec)
     for vm in build_inventory(spec).vms:
         host_keys.delete_prefect(spec, vm)
-    deadline = time.monotonic() + 30
-    while lab.hosts.names() and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 def main() -> None:
