@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -176,9 +177,11 @@ def test_vm_powered_on_answers_ssh_with_the_injected_keys(lab: Lab, lab_spec: Pl
 
     # The guest reported its address, as VMware tools would: phase 1 waits for it.
     deadline = time.monotonic() + 5
-    while clone.guest.ipAddress != str(vm.ip) and time.monotonic() < deadline:
+    guest = clone.guest
+    assert guest is not None
+    while guest.ipAddress != str(vm.ip) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert clone.guest.ipAddress == str(vm.ip)
+    assert guest.ipAddress == str(vm.ip)
     assert {"vm": vm.name, "power": "on", "ip": str(vm.ip), "host": "up",
             "ssh": "yes"} in lab.vm_rows()
 
@@ -249,7 +252,8 @@ def test_clones_have_disks_of_their_own(lab: Lab) -> None:
     template = next(v for v in all_of(si, vim.VirtualMachine) if v.name == "debian-12-template")
 
     def disk_files(vm: vim.VirtualMachine) -> list[str]:
-        return [d.backing.fileName for d in vm.config.hardware.device
+        assert vm.config is not None
+        return [cast(Any, d.backing).fileName for d in vm.config.hardware.device
                 if isinstance(d, vim.vm.device.VirtualDisk)]
 
     before = disk_files(template)

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import cast
 
 import httpx
@@ -91,12 +92,17 @@ def web(lab: Lab) -> Iterator[None]:
                       "</dev/null & echo $! > /run/lbtest-http.pid)'")
     try:
         for vm in WEB:
-            _wait(lambda vm=vm: ":80 " in _ssh(lab, vm, "ss -Hltn"), 10, f"{vm.name}:80")
+            _wait(partial(_listens, lab, vm, ":80 "), 10, f"{vm.name}:80")
         yield
     finally:
         for vm in WEB:
             _ssh(lab, vm, "sudo -n sh -c 'kill $(cat /run/lbtest-http.pid) && "
                           "rm -rf /run/lbtest-www /run/lbtest-http.pid'", check=False)
+
+
+def _listens(lab: Lab, vm: VM, port: str) -> bool:
+    """Whether something listens on ``port`` (as ":80 ") on the host."""
+    return port in _ssh(lab, vm, "ss -Hltn")
 
 
 def _wait(condition: Callable[[], bool], seconds: float, what: str) -> float:

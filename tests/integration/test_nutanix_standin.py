@@ -570,6 +570,7 @@ def test_older_prism_central_is_refused_by_version(tmp_path: Path) -> None:
 
 def test_unsimulated_and_unknown_paths_fail_loudly(standin: NutanixStandIn) -> None:
     def get(path: str) -> httpx.Response:
+        assert standin.base_url is not None
         return httpx.get(standin.base_url + path, auth=(USER, PASSWORD),
                          verify=tls(standin))
 

@@ -9,7 +9,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prefect import get_client
@@ -119,7 +119,7 @@ def test_the_first_connection_waits_for_a_restarting_sshd(
 def test_changed_host_key_is_refused(lab: Lab, tmp_path: Path) -> None:
     vm = INVENTORY.by_name("lab-vault-01")
     name = host_keys.secret_name(SPEC, vm)
-    original = Secret.load(name).get()
+    original = cast(Secret, Secret.load(name)).get()
     other = host_keys.generate()
     Secret(value=secret_text({"kind": other.kind, "private": other.private,
                               "public": other.public})).save(name, overwrite=True)

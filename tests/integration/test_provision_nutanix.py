@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ntnx_prism_py_client as prism
 import ntnx_vmm_py_client as vmm
@@ -257,7 +257,7 @@ def test_tier_100_provisioned_then_unchanged(world: World, sdk: Sdk) -> None:
     first_run = time.monotonic() - started
     assert (result.created, result.changed, result.unchanged) == (18, 0, 0)
 
-    identity = SshIdentity.load("lab-ssh")
+    identity = cast(SshIdentity, SshIdentity.load("lab-ssh"))
     ours = {ext_id for ext_id, subnet in world.standin.store.subnets.items()
             if subnet["clusterExtId"] == CLUSTER.ext_id}
     lab = {vm.name: vm for vm in world.standin.lab_vms()}
@@ -386,7 +386,7 @@ def test_transient_faults_are_retried(world: World) -> None:
 
 def test_vm_deleted_behind_the_flows_back_is_made_again(world: World) -> None:
     placement = NutanixPlacement(cluster=CLUSTER.name, image=IMAGE.name)
-    session = NutanixHypervisor.load("lab-prism").open(placement)
+    session = cast(NutanixHypervisor, NutanixHypervisor.load("lab-prism")).open(placement)
     try:
         [old] = _named(world, "lab-lbdmz-02")
         assert session.delete_vm("lab-lbdmz-02") is True  # powered off, then deleted
@@ -410,7 +410,7 @@ def test_lost_create_answer_makes_one_vm(world: World) -> None:
     spec = read_spec(world.spec_path)
     vm = build_inventory(spec).by_name("lab-lbdmz-01")
     placement = NutanixPlacement(cluster=CLUSTER.name, image=IMAGE.name)
-    session = NutanixHypervisor.load("lab-prism").open(placement)
+    session = cast(NutanixHypervisor, NutanixHypervisor.load("lab-prism")).open(placement)
     try:
         assert session.delete_vm(vm.name)
     finally:

@@ -225,7 +225,9 @@ def test_an_expired_session_is_a_passing_fault(lab: Lab) -> None:
     task may be gone; that is retried with a fresh login, not taken for a refusal."""
     session = _session(lab)
     try:
-        session.content.sessionManager.Logout()
+        manager = session.content.sessionManager
+        assert manager is not None
+        manager.Logout()
         with pytest.raises(TransientHypervisorError, match="NotAuthenticated"):
             session.find_vm("lab-vault-01")
     finally:

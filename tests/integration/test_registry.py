@@ -77,14 +77,24 @@ def pool(lab: Lab) -> Iterator[ConnectionPool]:
         yield pool
 
 
+class _Records(logging.Handler):
+    """Keeps every record it sees as "<logger> <message>"."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name} {record.getMessage()}")
+
+
 @pytest.fixture(scope="module")
 def seeded(lab: Lab, pool: ConnectionPool, tls: RegistryTls,
            credentials: RegistryCredentials) -> str:
     """The first apply; its report and every log record it made, as text (checked for
     secrets by the tests)."""
-    records: list[str] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = lambda record: records.append(f"{record.name} {record.getMessage()}")
+    handler = _Records()
+    records = handler.lines
     root = logging.getLogger()
     level = root.level
     root.addHandler(handler)
@@ -159,7 +169,7 @@ def test_tls_verifies_with_the_ca_and_only_with_it(seeded: str, pki: Path) -> No
     with socket.create_connection((str(GITOPS.ip), PORT), timeout=10) as raw, \
             context.wrap_socket(raw, server_hostname=HOST) as tls_socket:
         peer = tls_socket.getpeercert()
-        assert ("DNS", HOST) in peer["subjectAltName"]
+        assert peer is not None and ("DNS", HOST) in peer["subjectAltName"]
     untrusting = ssl.create_default_context()  # the system's CAs only
     with socket.create_connection((str(GITOPS.ip), PORT), timeout=10) as raw, \
             pytest.raises(ssl.SSLCertVerificationError):

@@ -26,6 +26,11 @@ class FakeSession:
         self.closed = True
 
 
+def _closed(session: object) -> bool:
+    assert isinstance(session, FakeSession)
+    return session.closed
+
+
 @pytest.fixture
 def opened(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[FakeSession]]:
     made: list[FakeSession] = []
@@ -61,11 +66,11 @@ def test_a_run_reuses_healthy_sessions_and_drops_broken_ones(
         pass
     with vms.hypervisor(lab_spec) as second:
         pass
-    assert second is first and not first.closed and len(opened) == 1
+    assert second is first and not _closed(first) and len(opened) == 1
 
     with pytest.raises(RuntimeError), vms.hypervisor(lab_spec) as failing:
         raise RuntimeError("vCenter went away")
-    assert failing is first and first.closed
+    assert failing is first and _closed(first)
     with vms.hypervisor(lab_spec) as fresh:
         pass
     assert fresh is not first and len(opened) == 2
@@ -76,7 +81,7 @@ def test_a_run_reuses_healthy_sessions_and_drops_broken_ones(
     assert other is not fresh
 
     _in_run(monkeypatch, "run-1")
-    assert vms.close_sessions() == 1 and fresh.closed and not other.closed
+    assert vms.close_sessions() == 1 and _closed(fresh) and not _closed(other)
 
 
 def test_a_long_idle_session_is_logged_out_not_reused(
@@ -90,4 +95,4 @@ def test_a_long_idle_session_is_logged_out_not_reused(
     vms._IDLE[key][0] = (since - vms._IDLE_SECONDS - 1, session)
     with vms.hypervisor(lab_spec) as new:
         pass
-    assert new is not old and old.closed and not new.closed
+    assert new is not old and _closed(old) and not _closed(new)

@@ -12,8 +12,8 @@ from typing import cast
 import pytest
 
 import sizing.load_balancing as lbm
-from sizing.firewall import Rule
-from sizing.inventory import Inventory, build_inventory
+from sizing.firewall import Rule, input_rules
+from sizing.inventory import VM, Inventory, build_inventory
 from sizing.load_balancing import (
     LB_ROLES,
     balancer,
@@ -175,9 +175,9 @@ def test_the_firewall_opens_what_the_balancers_need(path: Path) -> None:
 
 def test_a_firewall_gap_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     spec, inventory = _lab()
-    real = lbm.input_rules
+    real = input_rules
 
-    def without_ingress(spec: PlatformSpec, inventory: Inventory, vm: lbm.VM) -> list[Rule]:
+    def without_ingress(spec: PlatformSpec, inventory: Inventory, vm: VM) -> list[Rule]:
         rules = real(spec, inventory, vm)
         if vm.name == "lab-apps-server-02":
             return [r for r in rules if r.ports != ("80", "443")]
