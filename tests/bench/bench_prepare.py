@@ -53,7 +53,7 @@ import yaml
 
 from sizing.inventory import Inventory
 from sizing.spec import PlatformSpec
-from tests.bench.machine import machine_cpu_seconds
+from tests.bench.machine import machine_cpu_seconds, phase_table
 from tests.conftest import LAB_SPEC
 
 ANSIBLE_DIR = Path(__file__).resolve().parent / "ansible"
@@ -166,14 +166,13 @@ def host_mirrors(spec: PlatformSpec, inventory: Inventory, admin_key: str,
 
 
 def write_ansible_project(run_dir: Path, spec: PlatformSpec, inventory: Inventory,
-                          admin_key: str, known_hosts: Iterable[str],
+                          mirrors: dict[str, HostMirror], known_hosts: Iterable[str],
                           private_key: Path) -> Path:
     """The inventory, per-host files, known_hosts and ansible.cfg; returns ansible.cfg."""
     from tasks.prepare import RKE2_MODULES
 
     for sub in ("files", "tmp", "cp", "home"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    mirrors = host_mirrors(spec, inventory, admin_key)
     for host, mirror in mirrors.items():
         for path, content in mirror.files.items():
             target = run_dir / "files" / host / path.lstrip("/")
@@ -270,26 +269,6 @@ def _stop_ssh_masters(control_dir: Path) -> None:
 # --- this project's phase 2 ------------------------------------------------------------------
 
 
-def phase_table(key: str) -> list[dict[str, Any]]:
-    """The last table artifact with this key (phase 2's per-host rows)."""
-    import asyncio
-    import json
-
-    from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    async def latest() -> list[dict[str, Any]]:
-        async with get_client() as client:
-            found = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                sort=ArtifactSort.CREATED_DESC, limit=1)
-            rows: list[dict[str, Any]] = json.loads(str(found[0].data))
-            return rows
-
-    return asyncio.run(latest())
-
-
 def run_ours(spec_path: str) -> tuple[float, float, Any, list[dict[str, Any]]]:
     """The phase-2 flow, timed from the call to its return; (seconds, machine CPU seconds,
     PhaseResult, its table's rows)."""
@@ -317,16 +296,14 @@ def fresh_hosts(lab: Any, spec: PlatformSpec, spec_path: str, expected: int) -> 
         raise RuntimeError(f"phase 1 created {created} VMs, not {expected}")
 
 
-def host_state(spec: PlatformSpec, inventory: Inventory, admin_key: str, key: Path,
-               known_hosts: Path) -> dict[str, dict[str, str]]:
+def host_state(spec: PlatformSpec, inventory: Inventory, mirrors: dict[str, HostMirror],
+               key: Path, known_hosts: Path) -> dict[str, dict[str, str]]:
     """Per host: sha256 of each compared file, and one digest of everything else observed
     (owners and modes, users, hostname, kernel settings, modules, services, live ruleset,
     /etc/fstab and the data disk's mount)."""
     from sizing.storage import DATA_MOUNT
     from tasks.prepare import HARDENING_SYSCTLS, RKE2_SYSCTLS
 
-    files = {name: mirror.files
-             for name, mirror in host_mirrors(spec, inventory, admin_key).items()}
     home = f"/home/{spec.ssh.user}"
     keys = " ".join(sorted({k for k, _ in (*HARDENING_SYSCTLS, *RKE2_SYSCTLS)}
                            | {"net.ipv4.conf.all.rp_filter"}))
@@ -334,7 +311,7 @@ def host_state(spec: PlatformSpec, inventory: Inventory, admin_key: str, key: Pa
     def probe(name: str) -> dict[str, str]:
         vm = inventory.by_name(name)
         paths = sorted(p if p != "authorized_keys" else f"{home}/.ssh/authorized_keys"
-                       for p in files[name])
+                       for p in mirrors[name].files)
         listed = " ".join(paths)
         script = (
             f"cd / && sha256sum {listed} && stat -c '%n %U:%G %a' {listed} {home}/.ssh "
@@ -413,23 +390,25 @@ def main() -> None:
 
         key = lab.state_dir / "ssh" / "id_ed25519"
         admin_key = load_block(SshIdentity, spec.ssh.identity_block).public_key()
+        # Before any host is made: refused when phase 2 has what the playbook lacks.
+        mirrors = host_mirrors(spec, inventory, admin_key)
         run_dir = Path(tmp) / "ansible"
         known_hosts = run_dir / "known_hosts"
 
         # Round 1: Ansible on fresh hosts, then with nothing to change.
         fresh_hosts(lab, spec, spec_path, count)
         known = [f"{vm.ip} {host_keys.public_key(spec, vm)}" for vm in inventory.vms]
-        config = write_ansible_project(run_dir, spec, inventory, admin_key, known, key)
+        config = write_ansible_project(run_dir, spec, inventory, mirrors, known, key)
         ansible_s, ansible_cpu, recap, tasks = run_ansible(config, run_dir / "first.log")
         rerun_ansible_s, rerun_ansible_cpu, rerecap, retasks = run_ansible(
             config, run_dir / "rerun.log", "-e", f"prepare_login={spec.ssh.user}")
-        theirs = host_state(spec, inventory, admin_key, key, known_hosts)
+        theirs = host_state(spec, inventory, mirrors, key, known_hosts)
 
         # Round 2: phase 2 on fresh hosts (same names, addresses and host keys).
         fresh_hosts(lab, spec, spec_path, count)
         ours_s, ours_cpu, result, table = run_ours(spec_path)
         rerun_ours_s, rerun_ours_cpu, again, retable = run_ours(spec_path)
-        ours = host_state(spec, inventory, admin_key, key, known_hosts)
+        ours = host_state(spec, inventory, mirrors, key, known_hosts)
 
     print(f"BENCH prepare-vs-ansible hosts={count} ours_s={ours_s:.2f} "
           f"ansible_s={ansible_s:.2f} ratio={ours_s / ansible_s:.2f} "

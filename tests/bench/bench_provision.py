@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from tests.bench.machine import machine_cpu_seconds
+from tests.bench.machine import machine_cpu_seconds, phase_table
 from tests.conftest import LAB_SPEC
 
 if TYPE_CHECKING:
@@ -44,25 +44,10 @@ SETTLE_S = 65.0
 
 def _stage_means() -> str:
     """Mean seconds per stage over the last phase-1 table (where the time goes)."""
-    import asyncio
-    import json
     from collections import defaultdict
 
-    from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    async def latest() -> list[dict[str, object]]:
-        async with get_client() as client:
-            found = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(
-                    key=ArtifactFilterKey(any_=["phase-1-provision-vms"])),
-                sort=ArtifactSort.CREATED_DESC, limit=1)
-            rows: list[dict[str, object]] = json.loads(str(found[0].data))
-            return rows
-
     totals: dict[str, list[float]] = defaultdict(list)
-    for row in asyncio.run(latest()):
+    for row in phase_table("phase-1-provision-vms"):
         for part in str(row["stages"]).split(", "):
             name, _, secs = part.rpartition(" ")
             totals[name.replace(" ", "_")].append(float(secs))
